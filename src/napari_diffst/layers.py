@@ -1,0 +1,108 @@
+"""Turn core objects into napari LayerDataTuples (plain data; no napari/Qt import).
+
+Every layer lives in µm: ``scale`` carries the pixel size and ``affine`` the registration, so
+H&E, spots and super-resolved maps overlay exactly whatever their pixel grids are.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from .data.sample import Sample, xy_affine_to_napari
+
+__all__ = ["sample_to_layer_data", "spot_features", "histology_layer_data", "spots_layer_data",
+           "default_display_gene"]
+
+#: At most this many genes are carried in a Points layer's ``features`` (plus any asked for).
+MAX_FEATURE_GENES = 64
+
+
+def _lognorm(counts, target: float = 1e4) -> np.ndarray:
+    import scipy.sparse as sp
+
+    X = counts.tocsr().astype(np.float64) if sp.issparse(counts) else np.asarray(counts, np.float64)
+    lib = np.asarray(X.sum(axis=1)).ravel()
+    lib[lib == 0] = 1.0
+    if sp.issparse(X):
+        X = sp.diags(target / lib) @ X
+        return np.log1p(X.toarray())
+    return np.log1p(X * (target / lib)[:, None])
+
+
+def default_display_gene(sample: Sample) -> str | None:
+    """The gene a spots layer is coloured by when none is chosen: the most-expressed one."""
+    if sample.adata.n_vars == 0:
+        return None
+    tot = np.asarray(sample.counts().sum(axis=0)).ravel()
+    return str(sample.adata.var_names[int(np.argmax(tot))])
+
+
+def spot_features(sample: Sample, genes: list[str] | None = None, n_top: int = MAX_FEATURE_GENES) -> pd.DataFrame:
+    """log1p(CP10k) expression of the chosen genes plus the ``n_top`` most-expressed genes."""
+    names = np.asarray(sample.adata.var_names).astype(str)
+    tot = np.asarray(sample.counts().sum(axis=0)).ravel()
+    idx = list(np.argsort(-tot)[: min(n_top, len(names))])
+    lookup = {n.lower(): i for i, n in enumerate(names)}
+    for g in genes or []:
+        i = lookup.get(str(g).lower())
+        if i is not None and i not in idx:
+            idx.insert(0, i)
+    C = sample.counts()
+    lib = np.asarray(C.sum(axis=1)).ravel()
+    lib[lib == 0] = 1.0
+    sub = C[:, idx].toarray().astype(np.float64)
+    vals = np.log1p(sub * (1e4 / lib)[:, None])
+    df = pd.DataFrame(vals.astype(np.float32), columns=list(names[idx]))
+    df.insert(0, "barcode", np.asarray(sample.adata.obs_names).astype(str))
+    return df
+
+
+def histology_layer_data(sample: Sample):
+    if sample.image is None:
+        return None
+    data, multiscale = sample.image.napari_data()
+    s = sample.image_scale_um
+    return (
+        data,
+        {
+            "name": f"{sample.name} H&E",
+            "rgb": True,
+            "multiscale": multiscale,
+            "scale": (s, s),
+            "units": ("um", "um"),
+            "metadata": {"diffst_role": "histology", "diffst_sample": sample, "um_per_px": s},
+        },
+        "image",
+    )
+
+
+def spots_layer_data(sample: Sample, gene: str | None = None):
+    gene = gene or default_display_gene(sample)
+    feats = spot_features(sample, [gene] if gene else None)
+    yx = np.asarray(sample.adata.obsm["spatial"], float)[:, ::-1]  # raw spot px; registration in affine
+    kwargs = {
+        "name": f"{sample.name} spots",
+        "size": sample.spot_diameter_px,
+        "scale": (sample.um_per_px, sample.um_per_px),
+        "affine": xy_affine_to_napari(sample.transform, sample.um_per_px),
+        "units": ("um", "um"),
+        "features": feats,
+        "border_width": 0.05,
+        "opacity": 0.85,
+        "metadata": {"diffst_role": "spots", "diffst_sample": sample, "gene": gene},
+    }
+    if gene and gene in feats.columns:
+        kwargs["face_color"] = gene
+        kwargs["face_colormap"] = "viridis"
+    return (yx, kwargs, "points")
+
+
+def sample_to_layer_data(sample: Sample, gene: str | None = None) -> list[tuple]:
+    """H&E image layer (if any) + spots Points layer, both in µm."""
+    out = []
+    h = histology_layer_data(sample)
+    if h is not None:
+        out.append(h)
+    if sample.n_spots:
+        out.append(spots_layer_data(sample, gene))
+    return out
