@@ -1,0 +1,54 @@
+"""Small Qt helpers shared by the dock sections."""
+from __future__ import annotations
+
+from qtpy.QtWidgets import QFormLayout, QGroupBox, QLabel, QVBoxLayout, QWidget
+
+
+class Section(QGroupBox):
+    """One numbered step of the dock; subclasses fill ``self.form``."""
+
+    def __init__(self, title: str, viewer, state, parent: QWidget | None = None):
+        super().__init__(title, parent)
+        self.viewer = viewer
+        self.state = state
+        self._outer = QVBoxLayout(self)
+        self._outer.setContentsMargins(6, 6, 6, 6)
+        self.form = QFormLayout()
+        self._outer.addLayout(self.form)
+
+    def add_row(self, label: str | None, widget: QWidget):
+        if label is None:
+            self.form.addRow(widget)
+        else:
+            self.form.addRow(label, widget)
+        return widget
+
+    def add_widget(self, widget: QWidget):
+        self._outer.addWidget(widget)
+        return widget
+
+
+def info_label(text: str = "") -> QLabel:
+    lab = QLabel(text)
+    lab.setWordWrap(True)
+    lab.setStyleSheet("color: #b0b0b0;")
+    return lab
+
+
+def notify_error(exc: BaseException | str) -> None:
+    """Show an error as a napari notification (never a silent failure)."""
+    from napari.utils.notifications import show_error
+
+    show_error(str(exc))
+
+
+def notify_info(msg: str) -> None:
+    from napari.utils.notifications import show_info
+
+    show_info(msg)
+
+
+def notify_warning(msg: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    show_warning(msg)
