@@ -1,0 +1,662 @@
+"""Baselines for histology-guided ST super-resolution, all on :class:`~napari_diffst.data.pairs.SRField`.
+
+Every baseline is a class with
+
+* ``fit(train_fields, val_field=None, seed=0, budget='quick') -> self`` — ``budget`` is ``'tiny'``
+  (tests), ``'quick'`` (≤ 1.5 min of training on 2 CPU cores: step counts plus a wall-clock cap
+  ``max_seconds``; the learning-rate schedule follows whichever runs out first), ``'full'``, or a dict
+  overriding entries of the class's ``BUDGETS`` table (unset entries come from ``'quick'``);
+* ``predict(field) -> (G, H, W)`` float32 in model units on the field's HR grid (``H = h·s`` with
+  ``s = field.scale``).  Pixels outside ``field.hr_mask`` are set to 0 (``mask_output=True``).
+
+and is registered in :data:`BASELINES` under ``nearest``, ``bicubic``, ``tesla``, ``istar``, ``unet``.
+
+``nearest``  block copy of the LR (the LR input itself on the HR grid).
+``bicubic``  cubic B-spline interpolation at HR pixel centres, edge-aware: LR pixels outside tissue are
+             first filled with the nearest in-tissue value so the tissue border does not bleed zeros.
+             ``consistent=True`` adds iterative back-projection (Irani & Peleg 1991) so the SR map's
+             masked block means reproduce the LR.
+``tesla``    TESLA-style imputation (Hu et al., Cell Systems 2023): each HR pixel is a weighted mean of
+             its ``k`` nearest in-tissue LR spots (LR pixel centres, found with ``cKDTree``), with weights
+             ``exp(−d²/2)`` where ``d² = |Δxy|²/(ℓ·s)² + λ·|Δrgb|²/σ²_rgb`` mixes spatial distance (ℓ in LR
+             pitches) and the distance of mean H&E colour (pixel vs tissue under the spot; σ_rgb = pooled
+             std of in-tissue pixel colour, so λ is dimensionless).  λ = 0 is pure Gaussian spatial
+             interpolation.  ``fit`` picks λ from a small grid on training fields with HR truth.
+``istar``    iStar-style (Zhang et al., Nat Biotechnol 2024): handcrafted per-HR-pixel histology features
+             (mean/std RGB, H&E stain (``rgb2hed``) means, gradient energy, |Laplacian|; at the pixel and
+             Gaussian-blurred context at σ = s and 2s HR pixels), standardised on the training fields,
+             into a small MLP trained by **weak supervision**: the mean of its predictions over the
+             in-tissue HR pixels of each LR pixel must match the LR value (MSE).  An ensemble of seeds is
+             averaged.  Like iStar, which trains on the section it predicts, ``transductive=True``
+             fine-tunes each member on the target field's own LR (its input) before predicting.
+``unet``     supervised U-Net regression: inputs edge-aware bicubic LR↑, LR mask↑ and H&E through a
+             stride-``k`` conv stem (k = ``he_per_hr``); predicts a residual on LR↑; masked L1 loss on
+             :func:`~napari_diffst.data.pairs.random_patches` of training fields with HR truth.
+
+Torch models use the process's torch thread setting; pass ``num_threads`` to set it explicitly.
+"""
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import DataFormatError
+
+__all__ = [
+    "Baseline",
+    "Nearest",
+    "Bicubic",
+    "TeslaStyle",
+    "IStarStyle",
+    "UNetBaseline",
+    "BASELINES",
+    "make_baseline",
+    "fill_lr",
+    "cubic_upsample",
+    "hr_colour",
+    "histology_features",
+]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def fill_lr(lr: np.ndarray, lr_mask: np.ndarray) -> np.ndarray:
+    """Replace LR pixels outside ``lr_mask`` with the value of the nearest in-tissue LR pixel."""
+    lr = np.asarray(lr, np.float32)
+    m = np.asarray(lr_mask, bool)
+    if m.all() or not m.any():
+        return lr.copy()
+    _, (ri, ci) = ndi.distance_transform_edt(~m, return_indices=True)
+    return lr[:, ri, ci]
+
+
+def cubic_upsample(lr: np.ndarray, scale: int, lr_mask: np.ndarray | None = None, order: int = 3) -> np.ndarray:
+    """Spline interpolation of ``lr`` (G, h, w) at the centres of the ``scale``-times finer grid.
+
+    HR pixel ``i`` has its centre at LR coordinate ``(i + 0.5)/s − 0.5`` (pixel areas aligned, not
+    corners).  With ``lr_mask`` the out-of-tissue LR pixels are filled by nearest in-tissue values
+    first.  Constants are preserved exactly (up to float rounding)."""
+    s = int(scale)
+    src = fill_lr(lr, lr_mask) if lr_mask is not None else np.asarray(lr, np.float32)
+    G, h, w = src.shape
+    r = (np.arange(h * s) + 0.5) / s - 0.5
+    c = (np.arange(w * s) + 0.5) / s - 0.5
+    rr, cc = np.meshgrid(r, c, indexing="ij")
+    out = np.empty((G, h * s, w * s), np.float32)
+    for g in range(G):
+        out[g] = ndi.map_coordinates(src[g].astype(np.float64), [rr, cc], order=order, mode="nearest")
+    return out
+
+
+def _masked_block_mean(x: np.ndarray, s: int, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    G, H, W = x.shape
+    h, w = H // s, W // s
+    m = mask.astype(np.float64)
+    cnt = m.reshape(h, s, w, s).sum(axis=(1, 3))
+    tot = (x * m).reshape(G, h, s, w, s).sum(axis=(2, 4))
+    return np.where(cnt > 0, tot / np.maximum(cnt, 1), 0.0), cnt
+
+
+def _check_field(field, genes=None) -> None:
+    s = int(field.scale)
+    G, h, w = field.lr.shape
+    if field.hr_mask.shape != (h * s, w * s):
+        raise DataFormatError(None, f"field {field.name!r}: hr_mask {field.hr_mask.shape} is not LR {h}×{w} × scale {s}",
+                              "hr_mask of shape (h·s, w·s)")
+    k = int(field.he_per_hr)
+    if field.he.shape != (3, h * s * k, w * s * k):
+        raise DataFormatError(None, f"field {field.name!r}: he {field.he.shape} does not match HR grid × he_per_hr={k}",
+                              f"he of shape (3, {h * s * k}, {w * s * k})")
+    if genes is not None and list(field.genes) != list(genes):
+        raise DataFormatError(None, f"field {field.name!r} has genes {list(field.genes)[:5]}… but the baseline was "
+                              f"fitted on {list(genes)[:5]}…", "the same gene panel in the same order")
+
+
+def hr_colour(field) -> np.ndarray:
+    """Mean H&E RGB over each HR pixel's ``k × k`` block: (H, W, 3)."""
+    k = int(field.he_per_hr)
+    he = np.asarray(field.he, np.float32)
+    C, Hk, Wk = he.shape
+    return he.reshape(C, Hk // k, k, Wk // k, k).mean(axis=(2, 4)).transpose(1, 2, 0)
+
+
+def histology_features(field, context_sigmas: tuple = (1.0, 2.0)) -> np.ndarray:
+    """Handcrafted per-HR-pixel histology features (F, H, W), iStar-style.
+
+    Per pixel (over its k×k H&E block): mean RGB (3), std RGB (3), mean H/E/D stain densities from
+    :func:`skimage.color.rgb2hed` (3), gradient energy (Sobel² of grey, 1), |Laplacian| of grey (1).
+    Context: the same 11 maps Gaussian-blurred on the HR grid at σ = ``c · s`` for each ``c`` in
+    ``context_sigmas`` (s = LR scale)."""
+    from skimage.color import rgb2hed
+
+    k, s = int(field.he_per_hr), int(field.scale)
+    he = np.clip(np.asarray(field.he, np.float32), 0, 1)
+    C, Hk, Wk = he.shape
+    H, W = Hk // k, Wk // k
+    rgb = he.transpose(1, 2, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hed = rgb2hed(rgb).transpose(2, 0, 1).astype(np.float32)
+    grey = rgb.mean(axis=2)
+    gs = ndi.gaussian_filter(grey, 0.7) if k > 1 else grey
+    grad = ndi.sobel(gs, 0) ** 2 + ndi.sobel(gs, 1) ** 2
+    lap = np.abs(ndi.laplace(gs))
+
+    def bm(a):
+        return a.reshape(H, k, W, k).mean(axis=(1, 3))
+
+    maps = [bm(he[c]) for c in range(3)]
+    maps += [np.sqrt(np.maximum(bm(he[c] ** 2) - bm(he[c]) ** 2, 0)) for c in range(3)]
+    maps += [bm(hed[c]) for c in range(3)]
+    maps += [bm(grad), bm(lap)]
+    base = np.stack(maps).astype(np.float32)
+    feats = [base]
+    for c in context_sigmas:
+        feats.append(np.stack([ndi.gaussian_filter(m, c * s, mode="nearest") for m in base]))
+    return np.concatenate(feats).astype(np.float32)
+
+
+def _resolve_budget(table: dict, budget) -> dict:
+    if isinstance(budget, dict):
+        out = dict(table["quick"])
+        out.update(budget)
+        return out
+    if budget not in table:
+        raise ValueError(f"unknown budget {budget!r}; use one of {sorted(table)} or a dict")
+    return dict(table[budget])
+
+
+def _lr_factor(step: int, steps: int, t0: float, max_seconds: float, warmup: float = 0.05) -> float:
+    """Warm-up + cosine learning-rate factor on progress = max(step fraction, time fraction), so a
+    run cut short by ``max_seconds`` still anneals."""
+    prog = max(step / max(steps, 1), (time.monotonic() - t0) / max(max_seconds, 1e-9))
+    prog = min(prog, 1.0)
+    if prog < warmup:
+        return max(prog / warmup, 0.05)
+    return 0.5 * (1 + np.cos(np.pi * (prog - warmup) / (1 - warmup))) * 0.98 + 0.02
+
+
+def _set_threads(n):
+    if n:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
+# --------------------------------------------------------------------------------------- baselines
+class Baseline:
+    """Common interface: ``fit`` (no-op by default) and ``predict``."""
+
+    name = "baseline"
+    needs_hr_truth = False
+
+    def __init__(self, mask_output: bool = True):
+        self.mask_output = mask_output
+
+    def fit(self, train_fields=(), val_field=None, seed: int = 0, budget="quick"):
+        return self
+
+    def predict(self, field) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _finish(self, pred: np.ndarray, field) -> np.ndarray:
+        pred = np.asarray(pred, np.float32)
+        if pred.shape != (field.G,) + tuple(field.hr_shape):
+            raise RuntimeError(f"{self.name}: prediction {pred.shape} not on the HR grid {field.hr_shape}")
+        if self.mask_output:
+            pred = pred * np.asarray(field.hr_mask, np.float32)[None]
+        return pred
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class Nearest(Baseline):
+    """Block copy: every HR pixel takes its LR pixel's value."""
+
+    name = "nearest"
+
+    def predict(self, field) -> np.ndarray:
+        _check_field(field)
+        return self._finish(field.lr_upsampled(0), field)
+
+
+class Bicubic(Baseline):
+    """Edge-aware cubic spline interpolation (see :func:`cubic_upsample`).
+
+    ``consistent=True``: iterative back-projection, ``x ← x + up(LR − blockmean(x))`` for ``n_iter``
+    iterations (``up`` = the same cubic upsampling, block means over in-tissue HR pixels), which
+    drives the aggregate of the SR map towards the LR input without block artefacts."""
+
+    name = "bicubic"
+
+    def __init__(self, consistent: bool = False, n_iter: int = 20, order: int = 3, mask_output: bool = True):
+        super().__init__(mask_output)
+        self.consistent, self.n_iter, self.order = consistent, n_iter, order
+
+    def predict(self, field) -> np.ndarray:
+        _check_field(field)
+        s = int(field.scale)
+        lr = fill_lr(field.lr, field.lr_mask)
+        x = cubic_upsample(lr, s, None, self.order).astype(np.float64)
+        if self.consistent:
+            m = np.asarray(field.hr_mask, bool)
+            valid = field.lr_mask & (_masked_block_mean(x[:1], s, m)[1] > 0)
+            for _ in range(self.n_iter):
+                agg, _ = _masked_block_mean(x, s, m)
+                res = np.where(valid, lr - agg, 0.0)
+                x += cubic_upsample(res, s, None, self.order)
+        return self._finish(x, field)
+
+
+class TeslaStyle(Baseline):
+    """TESLA-style kNN imputation in (x, y, colour) space; see the module docstring.
+
+    Parameters
+    ----------
+    k_neighbours : LR spots considered per HR pixel (nearest in xy, via ``scipy.spatial.cKDTree``)
+    length : spatial length scale ℓ in LR pitches (σ of the Gaussian in xy = ℓ·s HR pixels)
+    colour_weight : λ, weight of the squared standardised colour distance (0 = spatial only)
+    tune : let ``fit`` choose (λ, ℓ) from ``colour_grid`` × ``length_grid`` by mean PCC on the training
+        (and validation) fields with HR truth; without such fields the given values are kept
+    """
+
+    name = "tesla"
+
+    def __init__(self, k_neighbours: int = 9, length: float = 0.5, colour_weight: float = 2.0,
+                 tune: bool = True, colour_grid=(0.0, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0), length_grid=(0.5, 0.75, 1.0),
+                 mask_output: bool = True):
+        super().__init__(mask_output)
+        self.k_neighbours, self.length, self.colour_weight = k_neighbours, length, colour_weight
+        self.tune, self.colour_grid, self.length_grid = tune, tuple(colour_grid), tuple(length_grid)
+
+    def fit(self, train_fields=(), val_field=None, seed: int = 0, budget="quick"):
+        fields = [f for f in list(train_fields) + ([val_field] if val_field is not None else []) if f.hr is not None]
+        if not self.tune or not fields:
+            return self
+        from .metrics import pcc_per_gene
+
+        best, best_par = -np.inf, (self.colour_weight, self.length)
+        for length in self.length_grid:
+            for lam in self.colour_grid:
+                sc = [np.nanmean(pcc_per_gene(self._impute(f, lam, length), f.hr, f.hr_mask)) for f in fields]
+                score = np.nanmean(sc) if np.any(np.isfinite(sc)) else -np.inf
+                if score > best + 1e-6:
+                    best, best_par = score, (lam, length)
+        self.colour_weight, self.length = float(best_par[0]), float(best_par[1])
+        self.tuned_score_ = float(best)
+        return self
+
+    def _impute(self, field, lam: float, length: float | None = None) -> np.ndarray:
+        from scipy.spatial import cKDTree
+
+        _check_field(field)
+        s = int(field.scale)
+        G, h, w = field.lr.shape
+        H, W = h * s, w * s
+        hr_mask = np.asarray(field.hr_mask, bool)
+        lr_mask = np.asarray(field.lr_mask, bool)
+        if not lr_mask.any():
+            return np.zeros((G, H, W), np.float32)
+        col = hr_colour(field)                                   # (H, W, 3)
+        # colour of the tissue under each LR spot (falls back to the whole block off-tissue)
+        m = hr_mask.astype(np.float32)
+        cnt = m.reshape(h, s, w, s).sum(axis=(1, 3))
+        tot = (col * m[..., None]).reshape(h, s, w, s, 3).sum(axis=(1, 3))
+        allm = col.reshape(h, s, w, s, 3).mean(axis=(1, 3))
+        spot_col = np.where(cnt[..., None] > 0, tot / np.maximum(cnt, 1)[..., None], allm)
+        sr, sc = np.nonzero(lr_mask)
+        spot_xy = np.stack([(sr + 0.5) * s, (sc + 0.5) * s], 1)
+        spot_c = spot_col[sr, sc]                               # (n, 3)
+        vals = field.lr[:, sr, sc].T.astype(np.float64)         # (n, G)
+        pr, pc = np.mgrid[0:H, 0:W]
+        pix_xy = np.stack([pr.ravel() + 0.5, pc.ravel() + 0.5], 1)
+        pix_c = col.reshape(-1, 3)
+        tis = col[hr_mask] if hr_mask.any() else pix_c
+        sig2 = float(np.mean(tis.var(axis=0))) + 1e-8
+        kk = int(min(self.k_neighbours, len(spot_xy)))
+        d, idx = cKDTree(spot_xy).query(pix_xy, k=kk)
+        if kk == 1:
+            d, idx = d[:, None], idx[:, None]
+        d2 = (d / ((self.length if length is None else length) * s)) ** 2
+        if lam > 0:
+            dc = ((pix_c[:, None, :] - spot_c[idx]) ** 2).sum(-1)
+            d2 = d2 + lam * dc / sig2
+        wts = np.exp(-0.5 * (d2 - d2.min(axis=1, keepdims=True)))
+        wts /= wts.sum(axis=1, keepdims=True)
+        out = np.einsum("pk,pkg->pg", wts, vals[idx])
+        return out.T.reshape(G, H, W).astype(np.float32)
+
+    def predict(self, field) -> np.ndarray:
+        return self._finish(self._impute(field, self.colour_weight), field)
+
+
+# ------------------------------------------------------------------------------------------ torch
+def _torch():
+    import torch
+
+    return torch
+
+
+class _FeatureStats:
+    def __init__(self, mean, std):
+        self.mean, self.std = mean, std
+
+    def apply(self, F):
+        return (F - self.mean[:, None, None]) / self.std[:, None, None]
+
+
+class IStarStyle(Baseline):
+    """iStar-style weakly supervised histology → expression MLP ensemble (module docstring).
+
+    Parameters
+    ----------
+    hidden : width of the two hidden layers
+    transductive : fine-tune on the target field's LR (the way iStar trains on each section)
+    context_sigmas : blur scales (× s HR pixels) of the context features
+    """
+
+    name = "istar"
+    BUDGETS = {
+        "tiny": {"steps": 200, "ensemble": 2, "finetune": 100, "lr": 3e-3, "blocks": 256, "max_seconds": 20},
+        "quick": {"steps": 1000, "ensemble": 3, "finetune": 400, "lr": 2e-3, "blocks": 512, "max_seconds": 60},
+        "full": {"steps": 6000, "ensemble": 5, "finetune": 2000, "lr": 1e-3, "blocks": 1024, "max_seconds": 1200},
+    }
+
+    def __init__(self, hidden: int = 64, transductive: bool = True, context_sigmas=(1.0, 2.0),
+                 num_threads: int | None = None, mask_output: bool = True):
+        super().__init__(mask_output)
+        self.hidden, self.transductive = hidden, transductive
+        self.context_sigmas = tuple(context_sigmas)
+        self.num_threads = num_threads
+        self.models_, self.stats_, self.genes_ = None, None, None
+
+    # --- data ---------------------------------------------------------------------------------
+    def _feats(self, field):
+        return histology_features(field, self.context_sigmas)
+
+    def _weak_set(self, field, F):
+        """Pixels (N, F) in tissue, their block ids (N,), block targets (B, G)."""
+        s = int(field.scale)
+        G, h, w = field.lr.shape
+        m = np.asarray(field.hr_mask, bool)
+        pr, pc = np.nonzero(m)
+        blk = (pr // s) * w + (pc // s)
+        use = np.asarray(field.lr_mask, bool).ravel()[blk]
+        pr, pc, blk = pr[use], pc[use], blk[use]
+        ub, inv = np.unique(blk, return_inverse=True)
+        X = F[:, pr, pc].T
+        T = field.lr.reshape(G, -1)[:, ub].T
+        return X.astype(np.float32), inv.astype(np.int64), T.astype(np.float32)
+
+    @staticmethod
+    def _concat(sets):
+        Xs, Bs, Ts, off = [], [], [], 0
+        for X, b, T in sets:
+            Xs.append(X)
+            Bs.append(b + off)
+            Ts.append(T)
+            off += len(T)
+        return np.concatenate(Xs), np.concatenate(Bs), np.concatenate(Ts)
+
+    def _mlp(self, n_in, G):
+        nn = _torch().nn
+        return nn.Sequential(nn.Linear(n_in, self.hidden), nn.LeakyReLU(0.1),
+                             nn.Linear(self.hidden, self.hidden), nn.LeakyReLU(0.1),
+                             nn.Linear(self.hidden, G))
+
+    def _train(self, model, data, steps, lr, n_blocks, rng, t_end):
+        torch = _torch()
+        X, b, T = data
+        Xt, bt, Tt = torch.from_numpy(X), torch.from_numpy(b), torch.from_numpy(T)
+        nb = len(T)
+        opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
+        t0, max_s = time.monotonic(), max(t_end - time.monotonic(), 1e-3)
+        model.train()
+        for step in range(steps):
+            for gr in opt.param_groups:
+                gr["lr"] = lr * _lr_factor(step, steps, t0, max_s)
+            if nb > n_blocks:
+                sel = np.sort(rng.choice(nb, n_blocks, replace=False))
+                remap = np.full(nb, -1, np.int64)
+                remap[sel] = np.arange(len(sel))
+                pix = np.flatnonzero(remap[b] >= 0)
+                xb, bb, tb = Xt[pix], torch.from_numpy(remap[b[pix]]), Tt[torch.from_numpy(sel)]
+            else:
+                xb, bb, tb = Xt, bt, Tt
+            y = model(xb)
+            agg = torch.zeros(tb.shape, dtype=y.dtype).index_add_(0, bb, y)
+            cnt = torch.zeros(tb.shape[0], dtype=y.dtype).index_add_(0, bb, torch.ones_like(bb, dtype=y.dtype))
+            loss = ((agg / cnt[:, None] - tb) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if time.monotonic() > t_end:
+                break
+        model.eval()
+        return model
+
+    # --- API ----------------------------------------------------------------------------------
+    def fit(self, train_fields=(), val_field=None, seed: int = 0, budget="quick"):
+        torch = _torch()
+        _set_threads(self.num_threads)
+        fields = list(train_fields)
+        if not fields:
+            raise ValueError("istar: fit needs at least one training field (LR + H&E; no HR truth needed)")
+        self.genes_ = list(fields[0].genes)
+        for f in fields:
+            _check_field(f, self.genes_)
+        self.budget_ = _resolve_budget(self.BUDGETS, budget)
+        feats = [self._feats(f) for f in fields]
+        pix = np.concatenate([F[:, f.hr_mask].T for F, f in zip(feats, fields)])
+        mu, sd = pix.mean(0), pix.std(0)
+        sd[sd < 1e-6] = 1.0
+        self.stats_ = _FeatureStats(mu.astype(np.float32), sd.astype(np.float32))
+        self.train_sets_ = [self._weak_set(f, self.stats_.apply(F)) for F, f in zip(feats, fields)]
+        data = self._concat(self.train_sets_)
+        bud = self.budget_
+        self.models_, self.seed_ = [], seed
+        for e in range(bud["ensemble"]):  # each member gets an equal share of the time budget
+            torch.manual_seed(seed * 1000 + e)
+            rng = np.random.default_rng(seed * 1000 + e)
+            m = self._mlp(data[0].shape[1], len(self.genes_))
+            t_end = time.monotonic() + bud["max_seconds"] / bud["ensemble"]
+            self.models_.append(self._train(m, data, bud["steps"], bud["lr"], bud["blocks"], rng, t_end))
+        return self
+
+    def predict(self, field) -> np.ndarray:
+        torch = _torch()
+        _set_threads(self.num_threads)
+        if self.models_ is None:
+            raise RuntimeError("istar: call fit() before predict()")
+        _check_field(field, self.genes_)
+        F = self.stats_.apply(self._feats(field))
+        Fh = F.reshape(F.shape[0], -1).T
+        bud = self.budget_
+        preds = []
+        for e, m in enumerate(self.models_):
+            if self.transductive and bud["finetune"] > 0:
+                m = copy.deepcopy(m)
+                own = self._weak_set(field, F)
+                # the target's own LR weighted like all training fields together, mixed with them
+                data = self._concat(self.train_sets_ + [own] * max(1, len(self.train_sets_)))
+                rng = np.random.default_rng(self.seed_ * 1000 + e + 7)
+                torch.manual_seed(self.seed_ * 1000 + e + 7)
+                m = self._train(m, data, bud["finetune"], bud["lr"] * 0.5, bud["blocks"], rng,
+                                time.monotonic() + 0.5 * bud["max_seconds"] / len(self.models_))
+            with torch.no_grad():
+                preds.append(m(torch.from_numpy(Fh)).numpy())
+        P = np.mean(preds, 0).T.reshape(field.G, *field.hr_shape)
+        return self._finish(P, field)
+
+
+def _unet_module(G: int, k: int, c: int):
+    torch = _torch()
+    nn = torch.nn
+    F = torch.nn.functional
+
+    def block(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.GroupNorm(4, o), nn.GELU(),
+                             nn.Conv2d(o, o, 3, padding=1), nn.GroupNorm(4, o), nn.GELU())
+
+    class UNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.k = k
+            if k > 1:
+                self.stem = nn.Sequential(nn.Conv2d(3, c, k, stride=k), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), nn.GELU())
+            else:
+                self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.GELU())
+            self.e1 = block(G + 1 + c, c)
+            self.e2 = block(c, 2 * c)
+            self.e3 = block(2 * c, 4 * c)
+            self.u2 = nn.ConvTranspose2d(4 * c, 2 * c, 2, stride=2)
+            self.d2 = block(4 * c, 2 * c)
+            self.u1 = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+            self.d1 = block(2 * c, c)
+            self.out = nn.Conv2d(c, G, 1)
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+        def forward(self, up, mask, he):
+            H, W = up.shape[-2:]
+            ph, pw = (-H) % 4, (-W) % 4
+            if ph or pw:
+                up = F.pad(up, (0, pw, 0, ph), mode="replicate")
+                mask = F.pad(mask, (0, pw, 0, ph))
+                he = F.pad(he, (0, pw * self.k, 0, ph * self.k), mode="replicate")
+            x = torch.cat([up, mask, self.stem(he)], 1)
+            x1 = self.e1(x)
+            x2 = self.e2(F.avg_pool2d(x1, 2))
+            x3 = self.e3(F.avg_pool2d(x2, 2))
+            y = self.d2(torch.cat([self.u2(x3), x2], 1))
+            y = self.d1(torch.cat([self.u1(y), x1], 1))
+            return (up + self.out(y))[..., :H, :W]
+
+    return UNet()
+
+
+class UNetBaseline(Baseline):
+    """Supervised U-Net regression (LR↑ + H&E → HR) on random training patches; masked L1 loss.
+
+    Parameters
+    ----------
+    channels : base width (doubles at each of two poolings)
+    patch_lr : LR pixels per patch side (HR patch = patch_lr·s)
+    """
+
+    name = "unet"
+    needs_hr_truth = True
+    BUDGETS = {
+        "tiny": {"steps": 60, "batch": 8, "lr": 3e-3, "max_seconds": 20, "val_every": 30},
+        "quick": {"steps": 800, "batch": 16, "lr": 1e-3, "max_seconds": 90, "val_every": 100},
+        "full": {"steps": 8000, "batch": 32, "lr": 5e-4, "max_seconds": 3600, "val_every": 500},
+    }
+
+    def __init__(self, channels: int = 16, patch_lr: int | None = None, num_threads: int | None = None,
+                 mask_output: bool = True):
+        super().__init__(mask_output)
+        self.channels, self.patch_lr, self.num_threads = channels, patch_lr, num_threads
+        self.model_ = None
+
+    @staticmethod
+    def _inputs(lr, lr_mask, s):
+        """(B,G,h,w) LR + (B,1,h,w) mask → torch (up (B,G,H,W), mask↑ (B,1,H,W))."""
+        torch = _torch()
+        filled = np.stack([fill_lr(l, m[0] > 0.5) for l, m in zip(lr, lr_mask)])
+        up = torch.nn.functional.interpolate(torch.from_numpy(filled.astype(np.float32)), scale_factor=s,
+                                             mode="bicubic", align_corners=False)
+        mu = torch.from_numpy(np.repeat(np.repeat(lr_mask.astype(np.float32), s, 2), s, 3))
+        return up, mu
+
+    def fit(self, train_fields=(), val_field=None, seed: int = 0, budget="quick"):
+        torch = _torch()
+        from .data.pairs import random_patches
+
+        _set_threads(self.num_threads)
+        fields = [f for f in train_fields if f.hr is not None]
+        if not fields:
+            raise ValueError("unet: fit needs training fields with HR truth (supervised)")
+        self.genes_ = list(fields[0].genes)
+        for f in fields:
+            _check_field(f, self.genes_)
+        s, k = int(fields[0].scale), int(fields[0].he_per_hr)
+        if any(int(f.scale) != s or int(f.he_per_hr) != k for f in fields):
+            raise DataFormatError(None, "training fields differ in scale or he_per_hr", "one scale and H&E sampling")
+        self.scale_, self.k_ = s, k
+        bud = _resolve_budget(self.BUDGETS, budget)
+        p = self.patch_lr or max(4, int(np.ceil(24 / s)))
+        torch.manual_seed(seed)
+        rng = np.random.default_rng(seed)
+        model = _unet_module(len(self.genes_), k, self.channels)
+        opt = torch.optim.AdamW(model.parameters(), lr=bud["lr"], weight_decay=1e-4)
+        from .metrics import pcc_per_gene
+
+        best, best_state = -np.inf, None
+        t0 = time.monotonic()
+        t_end = t0 + bud["max_seconds"]
+        self.model_ = model
+        for step in range(bud["steps"]):
+            model.train()
+            for gr in opt.param_groups:
+                gr["lr"] = bud["lr"] * _lr_factor(step, bud["steps"], t0, bud["max_seconds"])
+            pt = random_patches(fields, bud["batch"], p, rng)
+            up, mu = self._inputs(pt.lr, pt.lr_mask, s)
+            y = model(up, mu, torch.from_numpy(pt.he))
+            hm = torch.from_numpy(pt.hr_mask)
+            loss = ((y - torch.from_numpy(pt.hr)).abs() * hm).sum() / (hm.sum() * y.shape[1] + 1e-6)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            last = step == bud["steps"] - 1 or time.monotonic() > t_end
+            if val_field is not None and val_field.hr is not None and ((step + 1) % bud["val_every"] == 0 or last):
+                sc = np.nanmean(pcc_per_gene(self._predict_raw(val_field), val_field.hr, val_field.hr_mask))
+                if sc > best:
+                    best, best_state = sc, copy.deepcopy(model.state_dict())
+            if last:
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+            self.val_score_ = float(best)
+        model.eval()
+        return self
+
+    def _predict_raw(self, field) -> np.ndarray:
+        torch = _torch()
+        self.model_.eval()
+        up, mu = self._inputs(field.lr[None], field.lr_mask[None, None], int(field.scale))
+        with torch.no_grad():
+            y = self.model_(up, mu, torch.from_numpy(np.asarray(field.he, np.float32)[None]))
+        return y[0].numpy()
+
+    def predict(self, field) -> np.ndarray:
+        _set_threads(self.num_threads)
+        if self.model_ is None:
+            raise RuntimeError("unet: call fit() before predict()")
+        _check_field(field, self.genes_)
+        if int(field.scale) != self.scale_ or int(field.he_per_hr) != self.k_:
+            raise DataFormatError(None, f"field {field.name!r} has scale {field.scale}/he_per_hr {field.he_per_hr}, "
+                                  f"model trained on {self.scale_}/{self.k_}", "the training scale and H&E sampling")
+        return self._finish(self._predict_raw(field), field)
+
+
+#: name → baseline class
+BASELINES = {
+    "nearest": Nearest,
+    "bicubic": Bicubic,
+    "tesla": TeslaStyle,
+    "istar": IStarStyle,
+    "unet": UNetBaseline,
+}
+
+
+def make_baseline(name: str, **kwargs) -> Baseline:
+    """Instantiate a registered baseline by name."""
+    try:
+        cls = BASELINES[name]
+    except KeyError:
+        raise ValueError(f"unknown baseline {name!r}; choose from {sorted(BASELINES)}") from None
+    return cls(**kwargs)
