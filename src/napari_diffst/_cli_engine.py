@@ -1,0 +1,222 @@
+"""Engine sub-commands of the ``napari-diffst`` console script: train / sample / evaluate.
+
+(benchmark and bench-speed are added by :mod:`napari_diffst.benchmark` when present.)"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataFormatError, DiffSTError
+
+
+def _bar(total, desc):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+
+def _split_genes(s: str | None):
+    return [g.strip() for g in s.split(",") if g.strip()] if s else None
+
+
+def _ablation(args) -> dict:
+    out = {}
+    for flag, key in (("no_cam", "use_cam"), ("no_cigc", "use_cigc"), ("no_hier", "use_hier")):
+        if getattr(args, flag, False):
+            out[key] = False
+    return out
+
+
+def cmd_train(args) -> int:
+    from . import pipeline as P
+
+    t0 = time.time()
+    samples = [P.load_data(d, seed=args.seed) for d in args.data]
+    for s in samples:
+        print(f"data: {s.summary()}", file=sys.stderr)
+    genes = P.choose_genes(samples, n_genes=args.n_genes, genes=_split_genes(args.genes))
+    fields, gene_scale = P.make_fields(samples, genes, args.scale)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = P.make_trainer(fields, budget=args.budget, steps=args.steps, batch_size=args.batch_size,
+                             lr_size=args.lr_size, out_dir=out, seed=args.seed, device=args.device,
+                             train_samples=samples, model_overrides=_ablation(args), resume=args.resume,
+                             provenance={"data": [str(d) for d in args.data], "genes_from": "training data"})
+    resolved = {
+        "data": [str(d) for d in args.data], "scale": args.scale, "genes": list(genes),
+        "gene_scale": [float(x) for x in gene_scale], "budget": args.budget, "seed": args.seed,
+        "fields": [{"name": f.name, "mode": "truth" if s.hr_truth else "degrade", "lr_shape": list(f.lr.shape),
+                    "hr_um": f.hr_um, "he_per_hr": f.he_per_hr} for f, s in zip(fields, samples)],
+        "train": trainer.config.to_dict(), "device": str(trainer.device),
+    }
+    (out / "resolved_config.json").write_text(json.dumps(resolved, indent=2))
+    total = trainer.config.steps
+    print(f"training Diff-ST on {len(fields)} section(s), {len(genes)} genes, {args.scale}×, {total} steps "
+          f"on {trainer.device} → {out}", file=sys.stderr)
+    bar = _bar(total, "train")
+    last = None
+    for ev in trainer.iter_train():
+        last = ev
+        if ev.kind == "step":
+            bar.n = ev.step
+            bar.set_postfix({k: f"{v:.4f}" for k, v in ev.losses.items() if k in ("loss", "mse", "disentangle")})
+            bar.refresh()
+    bar.close()
+    if last is not None and last.kind in ("done", "cancelled"):
+        print(f"{last.kind} at step {last.step} in {time.time() - t0:.1f} s; checkpoint: {trainer.last_checkpoint}")
+    return 0 if last is None or last.kind != "error" else 1
+
+
+def _field_for(sample, genes, scale, gene_scale, mode):
+    from . import pipeline as P
+
+    m = mode if mode != "auto" else ("truth" if sample.hr_truth else "native")
+    fields, _ = P.make_fields([sample], genes, scale, mode=m, gene_scale=np.asarray(gene_scale))
+    return fields[0], m
+
+
+def _load_ckpt(path, device):
+    from .device import resolve_device
+    from .train.checkpoint import load_checkpoint
+
+    model, ema, meta = load_checkpoint(path, device=resolve_device(device))
+    genes = meta.get("genes")
+    scale = (meta.get("provenance") or {}).get("scale")
+    if not genes or scale is None or meta.get("gene_scale") is None:
+        raise DataFormatError(path, "checkpoint lacks genes / scale / gene_scale", "a checkpoint written by "
+                              "`napari-diffst train`")
+    return (ema or model), meta, list(genes), int(scale), np.asarray(meta["gene_scale"], float)
+
+
+def cmd_sample(args) -> int:
+    from . import pipeline as P
+    from .io.writers import write_ome_zarr
+
+    model, meta, genes, scale, gene_scale = _load_ckpt(args.checkpoint, args.device)
+    sample = P.load_data(args.data, seed=args.seed_data)
+    field, mode = _field_for(sample, genes, scale, gene_scale, args.mode)
+    print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× "
+          f"(HR {field.hr_um:.4g} µm) with {args.steps} steps × {args.n_samples} samples", file=sys.stderr)
+    t0 = time.time()
+    bar = _bar(args.steps * args.n_samples, "sample")
+    res = None
+    for upd in P.super_resolve_iter(model, field, steps=args.steps, n_samples=args.n_samples, seed=args.seed,
+                                    sampler=args.sampler):
+        if "result" in upd:
+            res = upd["result"]
+        else:
+            bar.n = upd["done"]
+            bar.total = upd["total"]
+            bar.refresh()
+    bar.close()
+    secs = time.time() - t0
+    A = np.asarray(field.extra.get("hr_affine", np.eye(3)), float)
+    origin_um = (float(A[1, 2] * field.um_per_px), float(A[0, 2] * field.um_per_px))
+    gs = np.asarray(gene_scale, np.float32)[:, None, None]
+    md = {"napari_diffst": {"checkpoint": str(args.checkpoint), "data": str(args.data), "mode": mode,
+                            "scale": scale, "steps": args.steps, "n_samples": args.n_samples, "seed": args.seed,
+                            "hr_um": field.hr_um, "units": "log1p(CP10k)", "hr_affine_px": A.tolist(),
+                            "um_per_px_fullres": field.um_per_px, "seconds": secs,
+                            "gene_scale": [float(x) for x in gene_scale]}}
+    write_ome_zarr(args.out, res.mean * gs, genes, field.hr_um, origin_um,
+                   extra_channels={"uncertainty": res.std * gs}, metadata=md)
+    print(f"wrote {args.out} ({len(genes)} genes + uncertainty, {field.hr_shape[0]}×{field.hr_shape[1]} px at "
+          f"{field.hr_um:.4g} µm) in {secs:.1f} s")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import pipeline as P
+    from .io.writers import read_maps
+    from .metrics import score_field
+
+    mf = read_maps(args.pred)
+    md = (mf.metadata or {}).get("napari_diffst", {})
+    scale = int(args.scale or md.get("scale") or 0)
+    if not scale:
+        raise DataFormatError(args.pred, "no scale in the file's metadata", "pass --scale")
+    gene_scale = np.asarray(md.get("gene_scale") or [], float)
+    sample = P.load_data(args.data, seed=args.seed_data)
+    mode = args.mode if args.mode != "auto" else md.get("mode", "truth" if sample.hr_truth else "degrade")
+    if mode == "native":
+        raise DataFormatError(args.pred, "maps were made at native resolution, where no HR truth exists",
+                              "evaluate maps made with --mode truth or degrade")
+    field, _ = _field_for(sample, mf.genes, scale, gene_scale if gene_scale.size else None, mode)
+    pred = np.asarray(mf.maps, np.float32) / np.asarray(field.gene_scale, np.float32)[:, None, None]
+    if pred.shape != field.hr.shape:
+        raise DataFormatError(args.pred, f"maps have shape {pred.shape}, the HR truth {field.hr.shape}",
+                              "maps sampled from the same data, genes and scale")
+    sc = score_field(np.nan_to_num(pred), field)
+    print(f"{'metric':<16}{'value':>10}")
+    for k in ("pcc", "rmse", "ssim", "detail_pcc", "consistency_pcc", "split_half_ceiling"):
+        if k in sc:
+            print(f"{k:<16}{sc[k]:>10.4f}")
+    if args.out:
+        out = {k: v for k, v in sc.items() if k != "per_gene"}
+        pg = sc.get("per_gene", {})
+        out["per_gene"] = {k: (list(map(str, v)) if k == "gene" else [float(x) for x in np.asarray(v)])
+                           for k, v in pg.items()}
+        Path(args.out).write_text(json.dumps(out, indent=2, default=float))
+    return 0
+
+
+def add_commands(sub) -> None:
+    t = sub.add_parser("train", help="train a Diff-ST model; writes checkpoints and the resolved config")
+    t.add_argument("--data", nargs="+", required=True, help="section paths (any reader) or 'synthetic'")
+    t.add_argument("--scale", type=int, default=5, help="super-resolution factor s (2–10)")
+    g = t.add_mutually_exclusive_group()
+    g.add_argument("--n-genes", type=int, default=25, help="panel size chosen on the training data (HVG)")
+    g.add_argument("--genes", help="comma-separated gene names (case-insensitive)")
+    t.add_argument("--steps", type=int, default=None, help="training steps (default: the budget's)")
+    t.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick")
+    t.add_argument("--batch-size", type=int, default=None)
+    t.add_argument("--lr-size", type=int, default=None, help="LR pixels per training patch side")
+    t.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    t.add_argument("--no-cam", action="store_true", help="ablation: no cross-modal adaptive modulation")
+    t.add_argument("--no-cigc", action="store_true", help="ablation: no gene co-expression graph")
+    t.add_argument("--no-hier", action="store_true", help="ablation: tissue-level histology only")
+    t.add_argument("--out", required=True, help="checkpoint folder")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("sample", help="super-resolve a section with a trained checkpoint → OME-Zarr")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--data", required=True, help="section path or 'synthetic'")
+    s.add_argument("--steps", type=int, default=50, help="respaced sampling steps")
+    s.add_argument("--n-samples", type=int, default=4, help="samples averaged (std = uncertainty)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--mode", choices=["auto", "native", "degrade", "truth"], default="auto",
+                   help="auto: against HR truth when the data has it, else at native resolution")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed-data", type=int, default=0, help=argparse_hidden())
+    s.add_argument("--device", default="auto")
+    s.add_argument("--out", required=True, help="output .zarr folder")
+    s.set_defaults(func=cmd_sample)
+
+    e = sub.add_parser("evaluate", help="score super-resolved maps against HR truth")
+    e.add_argument("--pred", required=True, help="maps written by `napari-diffst sample` (.zarr/.tif/.h5ad)")
+    e.add_argument("--data", required=True, help="the section the maps were made from, or 'synthetic'")
+    e.add_argument("--mode", choices=["auto", "degrade", "truth"], default="auto")
+    e.add_argument("--scale", type=int, default=None)
+    e.add_argument("--seed-data", type=int, default=0, help=argparse_hidden())
+    e.add_argument("--out", default=None, help="write the scores as JSON")
+    e.set_defaults(func=cmd_evaluate)
+
+    try:
+        from .benchmark import add_commands as add_bench
+    except ModuleNotFoundError as exc:  # pragma: no cover
+        if exc.name != f"{__package__}.benchmark":
+            raise
+    else:
+        add_bench(sub)
+
+
+def argparse_hidden():
+    import argparse
+
+    return argparse.SUPPRESS
