@@ -34,6 +34,11 @@ MODEL_PRESETS: dict[str, dict] = {
 }
 
 
+#: How LR maps are brought to the HR grid as the denoiser's condition (and residual base): the edge-aware
+#: cubic spline of :meth:`SRField.lr_upsampled` (see docs/model.md).
+DEFAULT_UPSAMPLE = "cubic"
+
+
 def load_data(spec: str | Path, *, seed: int = 0, **kw) -> Sample:
     """A Sample from a path any reader opens, or ``'synthetic'`` / ``'synthetic:SEED'``."""
     s = str(spec)
@@ -163,20 +168,31 @@ def make_trainer(fields: Sequence[SRField], *, budget: str = "quick", steps: int
     if model is None:
         model = build_diffst_model(fields, train_samples, budget=budget, **(model_overrides or {}))
     kw["target"] = model.config["predict"]
+    kw.setdefault("upsample", DEFAULT_UPSAMPLE)
     cfg = TrainConfig.from_preset(preset, **kw)
+    # the LR upsampling of the condition is part of the model's contract: inference must use the same
+    model.config["diffusion"] = {**(model.config.get("diffusion") or {}), "target": cfg.target,
+                                 "schedule": cfg.schedule, "T": cfg.timesteps, "upsample": cfg.upsample}
     cfg.model = copy.deepcopy(model.config)
     prov = {"fields": [f.name for f in fields], "scale": fields[0].scale, **(provenance or {})}
     return Trainer(model, cfg, fields=fields, out_dir=out_dir, provenance=prov, should_stop=should_stop)
 
 
-def cond_from_field(field: SRField, device="cpu") -> dict:
-    """The network's condition dict for a whole field (batch of one), in diffusion units."""
+def cond_from_field(field: SRField, device="cpu", upsample: str = "nearest") -> dict:
+    """The network's condition dict for a whole field (batch of one), in diffusion units.
+
+    ``upsample`` must be the training config's (``'nearest'``, ``'bilinear'`` or ``'cubic'``)."""
     import torch
     import torch.nn.functional as F
 
     lr = torch.from_numpy(np.ascontiguousarray(field.lr, np.float32))[None]
     s = field.scale
-    lr_up = F.interpolate(lr, scale_factor=s, mode="nearest") * 2 - 1
+    if upsample == "cubic":
+        lr_up = torch.from_numpy(field.lr_upsampled(3))[None] * 2 - 1
+    elif upsample == "bilinear":
+        lr_up = F.interpolate(lr, scale_factor=s, mode="bilinear", align_corners=False) * 2 - 1
+    else:
+        lr_up = F.interpolate(lr, scale_factor=s, mode="nearest") * 2 - 1
     lr_mask = F.interpolate(torch.from_numpy(field.lr_mask.astype(np.float32))[None, None], scale_factor=s,
                             mode="nearest")
     he = torch.from_numpy(np.ascontiguousarray(field.he, np.float32))[None]
@@ -201,7 +217,8 @@ class SRResult:
 
 
 def super_resolve_iter(model, field: SRField, *, steps: int = 50, n_samples: int = 4, seed: int = 0,
-                       sampler: str = "ddpm", eta: float = 0.0, device=None) -> Iterator[dict]:
+                       sampler: str = "ddpm", eta: float = 0.0, device=None,
+                       upsample: str | None = None) -> Iterator[dict]:
     """Generator: yields ``{'sample', 'i', 'n_steps', 'x0_pred' (G,H,W) model units, 'done', 'total'}`` per
     reverse step (live preview; stop iterating to cancel), then ``{'result': SRResult}`` at the end.
 
@@ -217,7 +234,9 @@ def super_resolve_iter(model, field: SRField, *, steps: int = 50, n_samples: int
     if device is None:
         device = next(model.parameters()).device
     model.eval()
-    cond = cond_from_field(field, device)
+    if upsample is None:  # the training config's, saved with the model (see make_trainer)
+        upsample = (model.config.get("diffusion") or {}).get("upsample", "nearest")
+    cond = cond_from_field(field, device, upsample)
     diffusion = diffusion_for_model(model)
     if steps and steps < diffusion.num_timesteps:
         diffusion = diffusion.respace(int(steps))

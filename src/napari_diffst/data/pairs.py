@@ -54,13 +54,19 @@ class SRField:
         return (self.lr.shape[1] * self.scale, self.lr.shape[2] * self.scale)
 
     def lr_upsampled(self, order: int = 0) -> np.ndarray:
-        """LR map on the HR grid (order 0 = block copy)."""
+        """LR map on the HR grid: order 0 = block copy; order 3 = edge-aware cubic spline (out-of-tissue LR
+        pixels filled from the nearest in-tissue ones first, pixel centres aligned), cached per field."""
         s = self.scale
         if order == 0:
             return np.repeat(np.repeat(self.lr, s, axis=1), s, axis=2)
-        from scipy.ndimage import zoom
+        key = f"lr_up{order}"
+        cached = self.extra.get(key)
+        if cached is None or cached.shape != (self.G, *self.hr_shape):
+            from ..baselines import cubic_upsample
 
-        return np.stack([zoom(c, s, order=order, mode="nearest") for c in self.lr])
+            cached = cubic_upsample(self.lr, s, self.lr_mask, order=order).astype(np.float32)
+            self.extra[key] = cached
+        return cached
 
 
 @dataclass
@@ -72,10 +78,11 @@ class Patches:
     hr: np.ndarray        # (B, G, p*s, p*s)
     hr_mask: np.ndarray   # (B, 1, p*s, p*s)
     he: np.ndarray        # (B, 3, p*s*k, p*s*k)
+    lr_up: np.ndarray | None = None  # (B, G, p*s, p*s) edge-aware cubic LR on the HR grid (with_lr_up)
 
 
 def random_patches(fields: list[SRField], n: int, lr_size: int, rng: np.random.Generator,
-                   augment: bool = True, min_valid: float = 0.3) -> Patches:
+                   augment: bool = True, min_valid: float = 0.3, with_lr_up: bool = False) -> Patches:
     """Crop ``n`` aligned patches of ``lr_size`` LR pixels from fields with HR truth.
 
     Patches are zero-padded where they leave a field; flips and 90° rotations when ``augment``.
@@ -88,7 +95,9 @@ def random_patches(fields: list[SRField], n: int, lr_size: int, rng: np.random.G
     P, Ph = lr_size * s, lr_size * s * k
     out = Patches(np.zeros((n, G, lr_size, lr_size), np.float32), np.zeros((n, 1, lr_size, lr_size), np.float32),
                   np.zeros((n, G, P, P), np.float32), np.zeros((n, 1, P, P), np.float32),
-                  np.zeros((n, 3, Ph, Ph), np.float32))
+                  np.zeros((n, 3, Ph, Ph), np.float32),
+                  np.zeros((n, G, P, P), np.float32) if with_lr_up else None)
+    names = ("lr", "lr_mask", "hr", "hr_mask", "he") + (("lr_up",) if with_lr_up else ())
     weights = np.array([f.hr_mask.sum() for f in fields], float)
     weights /= weights.sum()
     for b in range(n):
@@ -105,9 +114,11 @@ def random_patches(fields: list[SRField], n: int, lr_size: int, rng: np.random.G
         out.hr[b] = _crop(f.hr, r0 * s, c0 * s, P)
         out.hr_mask[b] = hm
         out.he[b] = _crop(f.he, r0 * s * k, c0 * s * k, Ph)
+        if with_lr_up:
+            out.lr_up[b] = _crop(f.lr_upsampled(3), r0 * s, c0 * s, P)
         if augment:
             kk, flip = int(rng.integers(4)), bool(rng.integers(2))
-            for name in ("lr", "lr_mask", "hr", "hr_mask", "he"):
+            for name in names:
                 a = getattr(out, name)[b]
                 a = np.rot90(a, kk, axes=(1, 2))
                 if flip:

@@ -73,6 +73,12 @@ DEFAULT_CONFIG: dict = {
     "predict": "eps",          # 'eps' | 'x0' | 'v'
     "residual_lr": False,      # only with predict='x0': output = lr_up + net
     "encoder_weights": None,   # optional local state-dict file for model.histology
+    "distill": False,          # HaDM-ST-style semantic distillation: a histology head predicts the HR detail
+                               # (x0 - lr_up) from [histology features, lr_up]; its prediction conditions the
+                               # U-Net and its masked MSE is aux['distill'] (training only, needs
+                               # cond['x0_target'])
+    "distill_weight": 1.0,     # suggested weight of aux['distill']
+    "distill_hidden": 32,
     "diffusion": None,         # optional dict, carried untouched for the diffusion code (its 'target'
                                # must equal 'predict' when both are given)
 }
@@ -110,9 +116,11 @@ def _resolve(config: dict) -> dict:
         raise DiffSTError("model config 'residual_lr' needs predict='x0' (the output is added to lr_up)")
     if cfg["cigc_alpha"] != "learnable":
         cfg["cigc_alpha"] = float(cfg["cigc_alpha"])
-    for key in ("use_cam", "use_cigc", "use_hier", "hier_posenc", "residual_lr"):
+    cfg["distill_hidden"] = int(cfg["distill_hidden"])
+    for key in ("use_cam", "use_cigc", "use_hier", "hier_posenc", "residual_lr", "distill"):
         cfg[key] = bool(cfg[key])
-    for key in ("dropout", "gamma_start", "gamma_end", "dis_lambda", "dis_margin", "disentangle_weight"):
+    for key in ("dropout", "gamma_start", "gamma_end", "dis_lambda", "dis_margin", "disentangle_weight",
+                "distill_weight"):
         cfg[key] = float(cfg[key])
     diff = cfg["diffusion"]
     if diff is not None:
@@ -143,6 +151,12 @@ class DiffSTDenoiser(nn.Module):
         self.time_embed = TimeEmbedding(base, emb)
         self.gene_graph = GeneGraph(G, cfg["cigc_dim"], cfg["cigc_alpha"]) if cfg["use_cigc"] else None
         cin = G + G + 1 + (G * cfg["cigc_dim"] if cfg["use_cigc"] else 0) + (0 if cfg["use_cam"] else ch_h)
+        self.distill = None
+        if cfg["distill"]:
+            hd = cfg["distill_hidden"]
+            self.distill = nn.Sequential(nn.Conv2d(ch_h + G + 1, hd, 3, padding=1), nn.SiLU(),
+                                         nn.Conv2d(hd, hd, 3, padding=1), nn.SiLU(), nn.Conv2d(hd, G, 1))
+            cin += G
         self.in_conv = nn.Conv2d(cin, base, 3, padding=1)
 
         chans = [base * m for m in cfg["channel_mults"]]
@@ -187,7 +201,10 @@ class DiffSTDenoiser(nn.Module):
     @property
     def aux_weights(self) -> dict:
         """Suggested weights for the entries of ``aux`` in the training loss."""
-        return {"disentangle": self.config["disentangle_weight"]}
+        w = {"disentangle": self.config["disentangle_weight"]}
+        if self.config.get("distill"):
+            w["distill"] = self.config["distill_weight"]
+        return w
 
     def set_progress(self, frac: float) -> None:
         """Training progress in [0, 1]; drives the entropy curriculum of the histology encoder."""
@@ -316,6 +333,22 @@ class DiffSTDenoiser(nn.Module):
         parts += [lr_up_p, lr_mask]
         if self.cam is None:
             parts.append(hist)
+        aux = {}
+        if self.distill is not None:
+            # semantic distillation (HaDM-ST): expression detail predicted from histology + LR alone
+            detail = self.distill(torch.cat([hist, lr_up_p, lr_mask], dim=1))
+            parts.append(detail)
+            x0_target = cond.get("x0_target")
+            if x0_target is not None:
+                err = (detail[:, :, :H, :W] - (x0_target.to(x_t.dtype) - lr_up)) ** 2
+                m0 = cond.get("hr_mask")
+                if m0 is not None:
+                    m0 = m0.to(err.dtype)
+                    aux["distill"] = (err * m0).sum() / (m0.sum() * G).clamp_min(1.0)
+                else:
+                    aux["distill"] = err.mean()
+            else:
+                aux["distill"] = x_t.new_zeros(())
         h = self.in_conv(torch.cat(parts, dim=1))
 
         skips, losses = [], []
@@ -342,7 +375,8 @@ class DiffSTDenoiser(nn.Module):
         if cfg["residual_lr"]:
             out = out + lr_up
         dis = torch.stack(losses).mean() if losses else x_t.new_zeros(())
-        return out, {"disentangle": dis}
+        aux["disentangle"] = dis
+        return out, aux
 
 
 def build_model(config: dict | None = None, load_weights: bool = True) -> DiffSTDenoiser:

@@ -91,8 +91,8 @@ class TrainConfig:
             problems.append(f"target={self.target!r} (expected 'eps', 'x0' or 'v')")
         if self.lr_schedule not in ("constant", "cosine"):
             problems.append(f"lr_schedule={self.lr_schedule!r} (expected 'constant' or 'cosine')")
-        if self.upsample not in ("nearest", "bilinear"):
-            problems.append(f"upsample={self.upsample!r} (expected 'nearest' or 'bilinear')")
+        if self.upsample not in ("nearest", "bilinear", "cubic"):
+            problems.append(f"upsample={self.upsample!r} (expected 'nearest', 'bilinear' or 'cubic')")
         for name in ("timesteps", "steps", "batch_size", "lr_size", "log_every", "checkpoint_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -92,12 +92,15 @@ def patches_to_batch(p, upsample: str = "nearest") -> dict:
     if s * lr.shape[-1] != hr.shape[-1] or s * lr.shape[-2] != hr.shape[-2]:
         raise DataFormatError(None, f"HR patch {tuple(hr.shape[-2:])} is not an integer multiple of the LR patch "
                               f"{tuple(lr.shape[-2:])}", "hr size = lr size × scale")
-    if upsample == "nearest":
+    if getattr(p, "lr_up", None) is not None and upsample == "cubic":
+        lr_up = torch.from_numpy(np.ascontiguousarray(p.lr_up, dtype=np.float32))
+    elif upsample == "nearest":
         lr_up = F.interpolate(lr, scale_factor=s, mode="nearest")
     elif upsample == "bilinear":
         lr_up = F.interpolate(lr, scale_factor=s, mode="bilinear", align_corners=False)
     else:
-        raise ValueError(f"upsample must be 'nearest' or 'bilinear', not {upsample!r}")
+        raise ValueError(f"upsample must be 'nearest', 'bilinear' or 'cubic' (fields' edge-aware cubic), "
+                         f"not {upsample!r}")
     lr_mask = F.interpolate(torch.from_numpy(np.ascontiguousarray(p.lr_mask, dtype=np.float32)),
                             scale_factor=s, mode="nearest")
     return {"x0": hr * 2 - 1, "lr_up": lr_up * 2 - 1, "lr_mask": lr_mask,
@@ -112,7 +115,7 @@ def fields_batch_fn(fields, batch_size: int, lr_size: int, upsample: str = "near
 
     def batch_fn(step, rng):
         return patches_to_batch(random_patches(fields, batch_size, lr_size, rng, augment=augment,
-                                               min_valid=min_valid), upsample)
+                                               min_valid=min_valid, with_lr_up=upsample == "cubic"), upsample)
 
     return batch_fn
 
@@ -309,6 +312,7 @@ class Trainer:
             self.model.set_progress(self.step / cfg.steps)
         batch = self._to_device(self.batch_fn(self.step, self.np_rng))
         x0 = batch.pop("x0")
+        batch["x0_target"] = x0  # for auxiliary heads only (e.g. distillation); never an input of the denoiser
         B = x0.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=self.gen, device=self.device)
         noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
