@@ -1,0 +1,871 @@
+"""``napari-diffst benchmark``: every method trained on the same sections and scored on every test section.
+
+    napari-diffst benchmark --train DIR [DIR ...] --val DIR --test DIR [DIR ...] --scale 2 --n-genes 25 \\
+        --methods all --budget quick --seed 0 --out results.json [--save-maps DIR] [--markdown FILE]
+    napari-diffst benchmark --synthetic --budget quick --out synthetic.json      # 5× and 10×, HR truth
+
+Protocol (see docs/benchmark.md)
+--------------------------------
+* ``DIR`` is anything :func:`napari_diffst.pipeline.load_data` opens (legacy-ST section folder, Space
+  Ranger ``outs``, ``.h5ad``, ``synthetic:SEED``).  A bare name that does not exist is looked up beside the
+  first ``--train`` path (``--train ../shared/data/her2st/C2 C3 C4 --val C5 --test C6``).
+* Genes are chosen on the **training sections only**: among genes present in every section (train, val
+  and test) and detected (count > 0) in ≥ 50 % of the pooled in-tissue training spots, the ``n`` with the
+  largest variance of log1p(CP10k) over those spots (:func:`select_genes_variance`).  Sections with HR
+  truth only (synthetic) use their truth genes (:func:`napari_diffst.pipeline.choose_genes`).
+* Without HR truth the data-pipeline degradation is used (``make_field(mode='degrade')``): LR = sums of
+  ``s × s`` blocks of lattice spots, HR truth = the spots.  With HR truth (synthetic) the truth maps are
+  scored at any scale (``mode='truth'``).  ``gene_scale`` (model units) comes from the training sections.
+* Every method is fitted once (``fit(train_fields, val_field, seed, budget)``) and predicts every test
+  section; scores come from :func:`napari_diffst.metrics.score_field` (gene means of PCC, RMSE and SSIM
+  on truth-min–max maps, detail-PCC).  ``ceiling_pcc`` is the section's split-half noise ceiling
+  (``split_half_ceiling``: sqrt of the Spearman–Brown-stepped split-half r); ``null`` for noise-free
+  synthetic truth.
+* ``seconds``: wall time of the method's ``fit`` plus its ``predict`` on that section.
+  ``peak_mb``: peak resident-set-size increase of this process during ``fit`` + that ``predict``
+  (MiB above the RSS just before ``fit``, after ``gc.collect()`` and, on glibc, ``malloc_trim(0)`` so
+  memory freed by earlier methods is returned to the OS first), sampled every 50 ms from
+  ``/proc/self/status`` (VmRSS) by a background thread (psutil elsewhere; where neither exists,
+  the increase of ``ru_maxrss``).  It is the *extra* memory a method needed, not the process footprint;
+  freed memory the allocator keeps and reuses can still make it an underestimate.  With a CUDA device
+  the diffusion methods also report ``gpu_peak_mb`` (``torch.cuda.max_memory_allocated``).
+
+JSON (:func:`validate_result` checks it)::
+
+    {"genes": [...], "scale": 2, "budget": "quick", "device": "cpu", "synthetic": false, "seed": 0,
+     "meta": {...}, "sections": {"C6": {"n_spots": 178, "ceiling_pcc": 0.85,
+        "methods": {"diffst": {"pcc", "rmse", "ssim", "detail_pcc", "seconds", "peak_mb"}, ...}}}}
+
+``--synthetic`` writes ``{"synthetic": true, "budget", "device", "seed", "scales": [5, 10], "meta",
+"runs": {"5": <the document above for 5×>, "10": ...}}``; every printed table is headed "SYNTHETIC".
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from .errors import DataFormatError, DiffSTError
+
+__all__ = ["DIFFUSION_BUDGETS", "METHOD_NAMES", "METRICS", "Method", "DiffusionMethod", "make_method",
+           "select_genes_variance", "score_row", "parse_methods", "run_benchmark", "run_synthetic",
+           "validate_result", "format_table",
+           "format_markdown", "PeakRSS", "add_commands", "cmd_benchmark"]
+
+#: Knobs of the two diffusion methods per budget (the lead tunes these).
+#: ``model_preset``: network size (:data:`napari_diffst.pipeline.MODEL_PRESETS`; its training preset is
+#: 'quick' unless 'full'); ``steps``: training steps; ``batch_size``; ``lr_size``: LR pixels per patch side;
+#: ``sample_steps``: respaced reverse steps; ``n_samples``: samples averaged; ``sampler``: 'ddpm' | 'ddim';
+#: ``train_overrides``: extra :class:`~napari_diffst.train.TrainConfig` fields (``time_limit_s`` caps the
+#: training wall time); ``model_overrides``: extra model config entries.
+DIFFUSION_BUDGETS: dict[str, dict] = {
+    "tiny": dict(model_preset="tiny", steps=3, batch_size=2, lr_size=4, sample_steps=2, n_samples=1,
+                 sampler="ddim", train_overrides=dict(log_every=1, warmup_steps=1), model_overrides={}),
+    "quick": dict(model_preset="quick", steps=300, batch_size=4, lr_size=8, sample_steps=50, n_samples=4,
+                  sampler="ddpm", train_overrides=dict(time_limit_s=240.0), model_overrides={}),
+    "full": dict(model_preset="full", steps=40000, batch_size=16, lr_size=16, sample_steps=250, n_samples=8,
+                 sampler="ddpm", train_overrides={}, model_overrides={}),
+}
+
+#: Method names in table order; ``--methods all`` runs them all.
+METHOD_NAMES: tuple[str, ...] = ("diffst", "bicubic", "nearest", "tesla", "istar", "unet", "cond_diffusion")
+#: Per-method metric keys in the JSON (in order).
+METRICS: tuple[str, ...] = ("pcc", "rmse", "ssim", "detail_pcc", "seconds", "peak_mb")
+_OPTIONAL_METHOD_KEYS = ("gpu_peak_mb",)
+_RUN_KEYS = ("genes", "scale", "budget", "device", "sections")
+_RUN_OPTIONAL = ("synthetic", "seed", "meta")
+_SYNTH_KEYS = ("synthetic", "budget", "device", "scales", "runs")
+_SYNTH_OPTIONAL = ("seed", "meta")
+_SECTION_KEYS = ("n_spots", "ceiling_pcc", "methods")
+BUDGETS = ("tiny", "quick", "full")
+
+
+# ----------------------------------------------------------------------------------------------- methods
+@runtime_checkable
+class Method(Protocol):
+    """What the benchmark runs: fit once on the training fields, then predict any field.
+
+    ``predict`` returns (G, H, W) float32 in the field's model units (log1p(CP10k) / gene_scale) on its HR
+    grid; the baselines of :mod:`napari_diffst.baselines` satisfy this protocol."""
+
+    name: str
+
+    def fit(self, train_fields, val_field=None, seed: int = 0, budget="quick"): ...
+
+    def predict(self, field) -> np.ndarray: ...
+
+
+class DiffusionMethod:
+    """Adapter: Diff-ST (``ablate_all=False``) or the plain conditional diffusion ablation
+    (``ablate_all=True``: ``use_cam = use_cigc = use_hier = False`` — no cross-modal modulation (Diff-ST
+    Eq. 3–4), no co-expression graph (Eq. 5–6), no hierarchical cell-level histology) as a :class:`Method`.
+
+    ``fit`` builds the network through :func:`napari_diffst.pipeline.make_trainer` (its co-expression graph
+    from the training fields' spot counts), iterates ``trainer.iter_train()`` and keeps the EMA weights;
+    ``predict`` averages ``n_samples`` reverse-diffusion samples (:func:`napari_diffst.pipeline.super_resolve`,
+    ``.mean``).  Knobs come from :data:`DIFFUSION_BUDGETS` for the ``budget`` given to ``fit`` (a dict
+    budget overrides entries of 'quick'); keyword ``knobs`` override both.  The validation field is not
+    used (no early stopping)."""
+
+    def __init__(self, ablate_all: bool = False, device: str = "auto", verbose: bool = False, **knobs):
+        unknown = sorted(set(knobs) - set(DIFFUSION_BUDGETS["quick"]))
+        if unknown:
+            raise ValueError(f"unknown diffusion knobs {unknown}; valid: {sorted(DIFFUSION_BUDGETS['quick'])}")
+        self.ablate_all = bool(ablate_all)
+        self.name = "cond_diffusion" if self.ablate_all else "diffst"
+        self.device = device
+        self.verbose = verbose
+        self.knobs = dict(knobs)
+        self.trainer = None
+        self.model_ = None
+        self.last_event_ = None
+        self.train_seconds_ = None
+
+    def resolved_knobs(self, budget="quick") -> dict:
+        if isinstance(budget, dict):
+            kn = copy.deepcopy(DIFFUSION_BUDGETS["quick"])
+            kn.update(copy.deepcopy(budget))
+        elif budget in DIFFUSION_BUDGETS:
+            kn = copy.deepcopy(DIFFUSION_BUDGETS[budget])
+        else:
+            raise ValueError(f"unknown budget {budget!r}; use one of {sorted(DIFFUSION_BUDGETS)} or a dict")
+        kn.update(copy.deepcopy(self.knobs))
+        return kn
+
+    def fit(self, train_fields, val_field=None, seed: int = 0, budget="quick"):
+        from . import pipeline as P
+
+        kn = self.resolved_knobs(budget)
+        self.knobs_ = kn
+        overrides = dict(kn.get("model_overrides") or {})
+        if self.ablate_all:
+            overrides.update(use_cam=False, use_cigc=False, use_hier=False)
+        t0 = time.perf_counter()
+        self.trainer = P.make_trainer(list(train_fields), budget=kn["model_preset"], steps=kn["steps"],
+                                      batch_size=kn["batch_size"], lr_size=kn["lr_size"], seed=seed,
+                                      device=self.device, model_overrides=overrides, out_dir=None,
+                                      provenance={"benchmark": self.name},
+                                      **dict(kn.get("train_overrides") or {}))
+        last, next_print = None, 0.0
+        for ev in self.trainer.iter_train():
+            last = ev
+            if self.verbose and ev.kind == "step" and (time.perf_counter() - t0 >= next_print):
+                next_print = time.perf_counter() - t0 + 15.0
+                loss = ev.losses.get("loss", float("nan")) if ev.losses else float("nan")
+                print(f"  {self.name}: step {ev.step}/{ev.total_steps} loss {loss:.4f}", file=sys.stderr)
+        if last is not None and last.kind == "error":  # pragma: no cover - iter_train re-raises
+            raise DiffSTError(f"{self.name}: training failed: {last.message}")
+        self.last_event_ = last
+        self.train_seconds_ = time.perf_counter() - t0
+        self.model_ = self.trainer.ema
+        self.seed_ = int(seed)
+        return self
+
+    def predict(self, field) -> np.ndarray:
+        from . import pipeline as P
+
+        if self.model_ is None:
+            raise RuntimeError(f"{self.name}: call fit() before predict()")
+        kn = self.knobs_
+        res = P.super_resolve(self.model_, field, steps=int(kn["sample_steps"]), n_samples=int(kn["n_samples"]),
+                              seed=self.seed_, sampler=kn.get("sampler", "ddpm"))
+        pred = np.asarray(res.mean, np.float32)
+        if pred.shape != (field.G,) + tuple(field.hr_shape):
+            raise RuntimeError(f"{self.name}: prediction {pred.shape} not on the HR grid {field.hr_shape}")
+        return pred * np.asarray(field.hr_mask, np.float32)[None]
+
+    def __repr__(self):
+        return f"DiffusionMethod(ablate_all={self.ablate_all}, knobs={self.knobs})"
+
+
+def make_method(name: str, device: str = "auto", verbose: bool = False, **kwargs) -> Method:
+    """A fresh :class:`Method` by name (:data:`METHOD_NAMES`)."""
+    from .baselines import BASELINES, make_baseline
+
+    if name == "diffst":
+        return DiffusionMethod(False, device=device, verbose=verbose, **kwargs)
+    if name == "cond_diffusion":
+        return DiffusionMethod(True, device=device, verbose=verbose, **kwargs)
+    if name in BASELINES:
+        return make_baseline(name, **kwargs)
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)} or 'all'")
+
+
+def parse_methods(spec: str | Sequence[str]) -> list[str]:
+    """``'all'`` or a comma list → method names (checked, order kept, duplicates dropped)."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    items = [s.strip().lower() for s in items if s and s.strip()]
+    if not items:
+        raise DiffSTError("--methods is empty; use 'all' or a comma list such as nearest,bicubic")
+    out: list[str] = []
+    for it in items:
+        names = list(METHOD_NAMES) if it == "all" else [it]
+        for n in names:
+            if n not in METHOD_NAMES:
+                raise DiffSTError(f"unknown method {n!r}; choose from {', '.join(METHOD_NAMES)} or 'all'")
+            if n not in out:
+                out.append(n)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ memory / time
+def _rss_mb_proc() -> float | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def _rss_mb() -> tuple[float, str]:
+    v = _rss_mb_proc()
+    if v is not None:
+        return v, "VmRSS"
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2 ** 20, "psutil"
+    except Exception:  # noqa: BLE001
+        import resource
+
+        r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return (r / 2 ** 20 if sys.platform == "darwin" else r / 1024.0), "ru_maxrss"
+
+
+def _release_free_memory() -> None:
+    """``gc.collect()`` and, on glibc, ``malloc_trim(0)`` so memory freed by earlier methods goes back to the
+    OS and does not hide the next method's allocations from the RSS."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # pragma: no cover - non-glibc
+            pass
+
+
+class PeakRSS:
+    """Context manager sampling this process's RSS every ``interval`` s in a background thread.
+
+    ``start_mb`` (after ``gc.collect()`` and glibc ``malloc_trim``), ``peak_mb`` (max seen, including at enter/exit), ``source``.
+    Re-entering continues the same peak (so fit and predict can be measured as one span)."""
+
+    def __init__(self, interval: float = 0.05):
+        self.interval = float(interval)
+        self.start_mb: float | None = None
+        self.peak_mb = 0.0
+        self.source = ""
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _sample(self):
+        v, src = _rss_mb()
+        self.source = src
+        if v > self.peak_mb:
+            self.peak_mb = v
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        if self.start_mb is None:
+            _release_free_memory()
+            self.start_mb, self.source = _rss_mb()
+            self.peak_mb = self.start_mb
+        self._stop.clear()
+        self._sample()
+        self._thread = threading.Thread(target=self._loop, name="PeakRSS", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+        return False
+
+    @property
+    def increase_mb(self) -> float:
+        return max(0.0, self.peak_mb - (self.start_mb or 0.0))
+
+
+# ------------------------------------------------------------------------------------------ gene panel
+def select_genes_variance(train, n: int = 25, apply_to: Sequence = (), min_frac_detected: float = 0.5) -> list[str]:
+    """The ``n`` genes with the largest variance of log1p(CP10k) over the pooled in-tissue training spots,
+    among genes present in every section (``train`` + ``apply_to``) and detected in ≥ ``min_frac_detected``
+    of those spots.  Ties: higher mean, then name.
+
+    (Kept here until ``select_genes(flavour='variance')`` lands in :mod:`napari_diffst.data.genes`; the
+    Seurat dispersion flavour favours noisy low-count genes on legacy ST.)"""
+    from .data.genes import _common_genes, _counts, _in_tissue, log_cp10k
+
+    train = list(train)
+    if not train:
+        raise DiffSTError("gene selection needs at least one training section")
+    names, cols = _common_genes(train + list(apply_to))
+    if not names:
+        raise DiffSTError("the sections share no gene names")
+    vals, det, n_tot = [], np.zeros(len(names)), 0
+    for x, c in zip(train, cols[: len(train)]):
+        C = _counts(x)[_in_tissue(x)]
+        lib = np.asarray(C.sum(axis=1)).ravel().astype(np.float64)
+        vals.append(log_cp10k(C, c, library_size=lib))
+        det += np.asarray((C[:, c] > 0).sum(axis=0)).ravel()
+        n_tot += C.shape[0]
+    if n_tot < 2:
+        raise DiffSTError("the training sections have fewer than 2 in-tissue spots")
+    V = np.concatenate(vals, 0)
+    var, mean = V.var(axis=0, ddof=1), V.mean(axis=0)
+    ok = np.flatnonzero((det / n_tot >= float(min_frac_detected)) & (var > 1e-12))
+    if len(ok) == 0:
+        raise DiffSTError(f"no gene is detected in ≥ {min_frac_detected:.0%} of training spots and present in "
+                          "every section")
+    if len(ok) < n:
+        print(f"benchmark: only {len(ok)} genes are eligible (asked for {n})", file=sys.stderr)
+    nm = np.asarray(names, dtype=object)[ok].astype(str)
+    order = np.lexsort((nm, -mean[ok], -var[ok]))
+    return [str(g) for g in nm[order[: int(n)]]]
+
+
+# ------------------------------------------------------------------------------------------ running
+def _resolve_spec(spec: str, base: Path | None) -> str:
+    s = str(spec)
+    if s.startswith("synthetic") or Path(s).exists() or base is None:
+        return s
+    alt = base / s
+    return str(alt) if alt.exists() else s
+
+
+def _finite(x) -> float | None:
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _unique_names(samples) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for s in samples:
+        n = str(s.name)
+        if n in seen:
+            seen[n] += 1
+            n = f"{n}_{seen[n]}"
+        else:
+            seen[n] = 0
+        out.append(n)
+    return out
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def _device_type(device: str) -> tuple[str, str]:
+    from .device import device_label, resolve_device
+
+    dev = resolve_device(device)
+    return dev.type, device_label(dev)
+
+
+def _loadavg() -> list | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def _machine(device_label: str, load_start=None) -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        n_avail = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        n_avail = os.cpu_count()
+    return {"platform": platform.platform(), "cpu": cpu, "cpus_available": n_avail,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "torch": torch.__version__, "accelerator": device_label,
+            "load_avg_at_start": load_start, "load_avg_at_end": _loadavg()}
+
+
+def _save_maps(path: Path, field, preds: dict, genes, scale: int, synthetic: bool) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    he = np.clip(np.asarray(field.he, np.float32), 0, 1)
+    k = int(field.he_per_hr)
+    step = max(1, k // 4)  # H&E kept at ≥ 4 px per HR pixel, as uint8
+    arrs = {"genes": np.asarray(genes, dtype=str), "methods": np.asarray(list(preds), dtype=str),
+            "truth": np.asarray(field.hr, np.float32), "lr": np.asarray(field.lr, np.float32),
+            "hr_mask": np.asarray(field.hr_mask, bool), "lr_mask": np.asarray(field.lr_mask, bool),
+            "gene_scale": np.asarray(field.gene_scale, np.float32), "scale": np.int64(scale),
+            "hr_um": np.float64(field.hr_um), "section": np.asarray(field.name, dtype=str),
+            "synthetic": np.bool_(synthetic), "he": (he[:, ::step, ::step] * 255 + 0.5).astype(np.uint8),
+            "he_per_hr": np.int64(-(-k // step))}
+    for m, p in preds.items():
+        arrs[f"pred_{m}"] = np.asarray(p, np.float32)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrs)
+    os.replace(tmp, path)
+
+
+def score_row(pred: np.ndarray, field, seed: int = 0) -> tuple[dict, float | None]:
+    """``({'pcc', 'rmse', 'ssim', 'detail_pcc'}, ceiling_pcc)`` of a (G, H, W) prediction in model units,
+    gene means from :func:`napari_diffst.metrics.score_field` (NaN → None, so the JSON stays valid).
+    Non-finite predicted values are replaced by 0 first."""
+    from .metrics import score_field
+
+    sc = score_field(np.nan_to_num(np.asarray(pred, np.float32)), field, seed=seed)
+    return ({k: _finite(sc.get(k)) for k in ("pcc", "rmse", "ssim", "detail_pcc")},
+            _finite(sc.get("split_half_ceiling")))
+
+
+def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_genes: int = 25,
+                  genes: Sequence[str] | None = None, methods: str | Sequence[str] = "all", budget="quick",
+                  seed: int = 0, device: str = "auto", save_maps: str | Path | None = None,
+                  method_kwargs: dict | None = None, quiet: bool = False, _loaded: dict | None = None) -> dict:
+    """Fit every method on ``train`` (+ ``val``) and score it on every ``test`` section; returns the JSON dict.
+
+    ``train``/``val``/``test`` are paths / specs for :func:`~napari_diffst.pipeline.load_data` or loaded
+    :class:`~napari_diffst.data.sample.Sample` objects.  ``method_kwargs`` maps a method name to keyword
+    arguments of :func:`make_method` (e.g. ``{'diffst': {'steps': 50}}``).  ``save_maps``: folder that gets
+    ``<section>.npz`` (truth, LR, masks, H&E, genes and ``pred_<method>`` maps in model units)."""
+    from . import pipeline as P
+
+    t_start = time.perf_counter()
+    load_start = _loadavg()
+    train, test = list(train), list(test)
+    names = parse_methods(methods)
+    if budget not in BUDGETS and not isinstance(budget, dict):
+        raise DiffSTError(f"unknown budget {budget!r}; use one of {', '.join(BUDGETS)}")
+    scale = int(scale)
+    if not 2 <= scale <= 16:
+        raise DiffSTError(f"scale must be an integer between 2 and 16, not {scale}")
+    dev_type, dev_label = _device_type(device)
+    if not train:
+        raise DiffSTError("benchmark needs at least one --train section")
+    if not test:
+        raise DiffSTError("benchmark needs at least one --test section")
+
+    def load(spec):
+        if hasattr(spec, "adata"):
+            return spec
+        if _loaded is not None and str(spec) in _loaded:
+            return _loaded[str(spec)]
+        smp = P.load_data(spec, seed=seed)
+        if _loaded is not None:
+            _loaded[str(spec)] = smp
+        return smp
+
+    base = None
+    t0 = train[0]
+    if not hasattr(t0, "adata") and not str(t0).startswith("synthetic"):
+        base = Path(str(t0)).parent
+    specs = [_resolve_spec(s, base) if not hasattr(s, "adata") else s for s in train + [val] + test]
+    tl = time.perf_counter()
+    samples = [load(s) for s in specs]
+    n_tr = len(train)
+    tr_s, va_s, te_s = samples[:n_tr], samples[n_tr], samples[n_tr + 1:]
+    for s in samples:
+        _log(f"data: {s.summary()}", quiet)
+    synthetic = any((s.provenance or {}).get("technology") == "synthetic" for s in samples)
+    load_s = time.perf_counter() - tl
+
+    # genes: chosen on the training sections only, present everywhere
+    others = [va_s] + list(te_s)
+    if genes:
+        panel = P.choose_genes(tr_s, genes=list(genes), apply_to=others)
+    elif all(s.hr_truth for s in samples):
+        panel = P.choose_genes(tr_s, n_genes=n_genes)
+    else:
+        panel = select_genes_variance(tr_s, n_genes, apply_to=others)
+    _log(f"genes ({len(panel)}, chosen on {', '.join(s.name for s in tr_s)}): {', '.join(panel)}", quiet)
+
+    tf = time.perf_counter()
+    train_f, gene_scale = P.make_fields(tr_s, panel, scale)
+    (val_f,), _ = P.make_fields([va_s], panel, scale, gene_scale=gene_scale)
+    test_f, _ = P.make_fields(te_s, panel, scale, gene_scale=gene_scale)
+    fields_s = time.perf_counter() - tf
+    test_names = _unique_names(te_s)
+    for f in train_f + [val_f] + test_f:
+        if f.hr is None:  # pragma: no cover - make_fields gives truth or degrade
+            raise DataFormatError(None, f"section {f.name} has no HR truth", "degrade or truth fields")
+
+    sections: dict = {}
+    for nm, f in zip(test_names, test_f):
+        sections[nm] = {"n_spots": int(len(f.extra.get("spot_obs_index", ()))) or int(f.hr_counts.shape[0]),
+                        "ceiling_pcc": None, "methods": {}}
+    preds_by_section: dict = {nm: {} for nm in test_names}
+    mkw = dict(method_kwargs or {})
+    import torch
+
+    for name in names:
+        bud_s = budget if isinstance(budget, str) else "custom"
+        _log(f"[{name}] fitting on {len(train_f)} section(s) (budget {bud_s})", quiet)
+        kw = dict(mkw.get(name, {}))
+        if name in ("diffst", "cond_diffusion"):
+            kw.setdefault("device", device)
+            kw.setdefault("verbose", not quiet)
+        method = make_method(name, **kw)
+        torch.manual_seed(seed)
+        cuda = dev_type == "cuda" and name in ("diffst", "cond_diffusion")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        mem = PeakRSS()
+        t1 = time.perf_counter()
+        with mem:
+            method.fit(train_f, val_f, seed=seed, budget=budget)
+        fit_s = time.perf_counter() - t1
+        fit_peak = mem.peak_mb
+        for nm, f in zip(test_names, test_f):
+            mem.peak_mb = fit_peak  # this section's span = fit + its own predict
+            t2 = time.perf_counter()
+            with mem:
+                pred = np.asarray(method.predict(f), np.float32)
+            pred_s = time.perf_counter() - t2
+            row, ceiling = score_row(pred, f, seed=seed)
+            row["seconds"] = round(fit_s + pred_s, 3)
+            row["peak_mb"] = round(mem.increase_mb, 1)
+            if cuda:
+                row["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
+            sections[nm]["methods"][name] = row
+            if sections[nm]["ceiling_pcc"] is None:
+                sections[nm]["ceiling_pcc"] = ceiling
+            if save_maps:
+                preds_by_section[nm][name] = pred
+            _log(f"[{name}] {nm}: pcc {_fmt(row['pcc'])} detail {_fmt(row['detail_pcc'])} "
+                 f"({row['seconds']:.1f} s, +{row['peak_mb']:.0f} MiB)", quiet)
+        del method
+        gc.collect()
+
+    if save_maps:
+        for nm, f in zip(test_names, test_f):
+            _save_maps(Path(save_maps) / f"{nm}.npz", f, preds_by_section[nm], panel, scale, synthetic)
+    mem_src = _rss_mb()[1]
+    out = {
+        "genes": list(panel), "scale": scale, "budget": budget if isinstance(budget, str) else "custom",
+        "device": dev_type, "synthetic": bool(synthetic), "seed": int(seed), "sections": sections,
+        "meta": {
+            "train": [s.name for s in tr_s], "val": va_s.name, "test": list(test_names),
+            "data": [str(s) if not hasattr(s, "adata") else s.name for s in specs],
+            "mode": {f.name: f.extra.get("mode") for f in train_f + [val_f] + test_f},
+            "methods": names,
+            "gene_selection": ("names" if genes else "truth genes" if all(s.hr_truth for s in samples)
+                               else "variance of log1p(CP10k), detected in >= 50% of training spots"),
+            "gene_scale": [float(x) for x in gene_scale],
+            "peak_mb_source": mem_src, "diffusion_knobs": _jsonable_knobs(budget, names),
+            "load_seconds": round(load_s, 2), "fields_seconds": round(fields_s, 2),
+            "total_seconds": round(time.perf_counter() - t_start, 2), "machine": _machine(dev_label, load_start),
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    }
+    return out
+
+
+def _jsonable_knobs(budget, names) -> dict | None:
+    if not any(n in ("diffst", "cond_diffusion") for n in names):
+        return None
+    try:
+        return json.loads(json.dumps(DiffusionMethod().resolved_knobs(budget)))
+    except (TypeError, ValueError):  # pragma: no cover
+        return None
+
+
+def run_synthetic(*, scales: Sequence[int] = (5, 10), train=("synthetic:1", "synthetic:2"), val="synthetic:3",
+                  test=("synthetic:0",), n_genes: int = 25, synthetic_kw: dict | None = None, quiet: bool = False,
+                  **kw) -> dict:
+    """The benchmark on seeded synthetic sections with HR truth at each scale (default 5× and 10×, the
+    Diff-ST paper's scales).  ``synthetic_kw`` goes to :func:`~napari_diffst.data.synthetic.make_synthetic`
+    (e.g. ``{'size_um': (1600, 1600)}`` for a small test); ``save_maps`` gets one sub-folder per scale
+    (``5x/``, ``10x/``).  Other keywords go to :func:`run_benchmark`.  Returns
+    ``{'synthetic': True, 'scales': [...], 'runs': {'5': ..., '10': ...}}``."""
+    from . import pipeline as P
+
+    seed = int(kw.get("seed", 0))
+    t0 = time.perf_counter()
+    cache: dict = {}
+    for spec in list(train) + [val] + list(test):
+        cache[str(spec)] = P.load_data(spec, seed=seed, **(synthetic_kw or {}))
+    runs = {}
+    save_maps = kw.pop("save_maps", None)
+    for s in scales:
+        if not quiet:
+            print(f"=== SYNTHETIC benchmark at {int(s)}× ===", file=sys.stderr)
+        runs[str(int(s))] = run_benchmark(list(train), val, list(test), scale=int(s), n_genes=n_genes, quiet=quiet,
+                                          save_maps=Path(save_maps) / f"{int(s)}x" if save_maps else None,
+                                          _loaded=cache, **kw)
+        runs[str(int(s))]["synthetic"] = True
+    first = next(iter(runs.values()))
+    return {"synthetic": True, "budget": first["budget"], "device": first["device"], "seed": seed,
+            "scales": [int(s) for s in scales],
+            "meta": {"train": list(map(str, train)), "val": str(val), "test": list(map(str, test)),
+                     "synthetic_kw": json.loads(json.dumps(synthetic_kw or {}, default=list)),
+                     "total_seconds": round(time.perf_counter() - t0, 2),
+                     "machine": first["meta"]["machine"],
+                     "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+            "runs": runs}
+
+
+# ------------------------------------------------------------------------------------------ schema
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_keys(obj, required, optional, where) -> list[str]:
+    if not isinstance(obj, dict):
+        return [f"{where}: expected an object, got {type(obj).__name__}"]
+    errs = []
+    missing = [k for k in required if k not in obj]
+    extra = [k for k in obj if k not in required and k not in optional]
+    if missing:
+        errs.append(f"{where}: missing keys {missing}")
+    if extra:
+        errs.append(f"{where}: unexpected keys {extra}")
+    return errs
+
+
+def _validate_run(obj, where="result") -> list[str]:
+    errs = _check_keys(obj, _RUN_KEYS, _RUN_OPTIONAL, where)
+    if not isinstance(obj, dict):
+        return errs
+    g = obj.get("genes")
+    if not (isinstance(g, list) and g and all(isinstance(x, str) and x for x in g)):
+        errs.append(f"{where}.genes: expected a non-empty list of gene names")
+    elif len(set(x.lower() for x in g)) != len(g):
+        errs.append(f"{where}.genes: duplicate names")
+    sc = obj.get("scale")
+    if not (isinstance(sc, int) and not isinstance(sc, bool) and sc >= 2):
+        errs.append(f"{where}.scale: expected an integer ≥ 2, got {sc!r}")
+    if obj.get("budget") not in BUDGETS + ("custom",):
+        errs.append(f"{where}.budget: expected one of {BUDGETS}, got {obj.get('budget')!r}")
+    if not (isinstance(obj.get("device"), str) and obj.get("device") in ("cpu", "cuda", "mps")):
+        errs.append(f"{where}.device: expected 'cpu', 'cuda' or 'mps', got {obj.get('device')!r}")
+    if "synthetic" in obj and not isinstance(obj["synthetic"], bool):
+        errs.append(f"{where}.synthetic: expected true/false")
+    if "seed" in obj and not (isinstance(obj["seed"], int) and not isinstance(obj["seed"], bool)):
+        errs.append(f"{where}.seed: expected an integer")
+    if "meta" in obj and not isinstance(obj["meta"], dict):
+        errs.append(f"{where}.meta: expected an object")
+    secs = obj.get("sections")
+    if not (isinstance(secs, dict) and secs):
+        errs.append(f"{where}.sections: expected a non-empty object")
+        return errs
+    for sn, sec in secs.items():
+        w = f"{where}.sections[{sn!r}]"
+        e = _check_keys(sec, _SECTION_KEYS, (), w)
+        errs += e
+        if not isinstance(sec, dict):
+            continue
+        ns = sec.get("n_spots")
+        if not (isinstance(ns, int) and not isinstance(ns, bool) and ns > 0):
+            errs.append(f"{w}.n_spots: expected a positive integer, got {ns!r}")
+        c = sec.get("ceiling_pcc")
+        if c is not None and not (_is_num(c) and 0 <= c <= 1):
+            errs.append(f"{w}.ceiling_pcc: expected null or a number in [0, 1], got {c!r}")
+        ms = sec.get("methods")
+        if not (isinstance(ms, dict) and ms):
+            errs.append(f"{w}.methods: expected a non-empty object")
+            continue
+        for mn, row in ms.items():
+            wm = f"{w}.methods[{mn!r}]"
+            if mn not in METHOD_NAMES:
+                errs.append(f"{wm}: unknown method (expected one of {METHOD_NAMES})")
+            errs += _check_keys(row, METRICS, _OPTIONAL_METHOD_KEYS, wm)
+            if not isinstance(row, dict):
+                continue
+            for k in ("pcc", "detail_pcc"):
+                v = row.get(k)
+                if v is not None and not (_is_num(v) and -1 - 1e-9 <= v <= 1 + 1e-9):
+                    errs.append(f"{wm}.{k}: expected null or a number in [-1, 1], got {v!r}")
+            v = row.get("ssim")
+            if v is not None and not (_is_num(v) and -1 - 1e-9 <= v <= 1 + 1e-9):
+                errs.append(f"{wm}.ssim: expected null or a number in [-1, 1], got {v!r}")
+            v = row.get("rmse")
+            if v is not None and not (_is_num(v) and v >= 0):
+                errs.append(f"{wm}.rmse: expected null or a number ≥ 0, got {v!r}")
+            for k in ("seconds", "peak_mb") + _OPTIONAL_METHOD_KEYS:
+                if k in row and not (_is_num(row[k]) and row[k] >= 0):
+                    errs.append(f"{wm}.{k}: expected a number ≥ 0, got {row[k]!r}")
+    return errs
+
+
+def validate_result(obj) -> list[str]:
+    """Problems with a benchmark JSON document (empty list = valid).  Checks exact key sets, types and
+    ranges for the single-scale document and for the ``--synthetic`` document with its ``runs``."""
+    if isinstance(obj, dict) and "runs" in obj:
+        errs = _check_keys(obj, _SYNTH_KEYS, _SYNTH_OPTIONAL, "result")
+        if obj.get("synthetic") is not True:
+            errs.append("result.synthetic: a multi-scale document must be synthetic: true")
+        scales = obj.get("scales")
+        runs = obj.get("runs")
+        if not (isinstance(scales, list) and scales and all(isinstance(s, int) and not isinstance(s, bool)
+                                                             for s in scales)):
+            errs.append("result.scales: expected a non-empty list of integers")
+        elif not isinstance(runs, dict) or sorted(runs) != sorted(str(s) for s in scales):
+            errs.append("result.runs: expected one run per scale, keyed by the scale")
+        if isinstance(runs, dict):
+            for k, run in runs.items():
+                errs += _validate_run(run, f"result.runs[{k!r}]")
+                if isinstance(run, dict):
+                    if run.get("synthetic") is not True:
+                        errs.append(f"result.runs[{k!r}].synthetic: expected true")
+                    if str(run.get("scale")) != str(k):
+                        errs.append(f"result.runs[{k!r}].scale: {run.get('scale')!r} does not match its key")
+        return errs
+    return _validate_run(obj)
+
+
+# ------------------------------------------------------------------------------------------ tables
+def _fmt(v, nd: int = 3) -> str:
+    return "—" if v is None else f"{v:.{nd}f}"
+
+
+_COLS = (("pcc", 3), ("rmse", 3), ("ssim", 3), ("detail_pcc", 3), ("seconds", 1), ("peak_mb", 0))
+
+
+def _section_title(run: dict, sn: str, sec: dict) -> str:
+    tag = "SYNTHETIC — " if run.get("synthetic") else ""
+    ceil = sec.get("ceiling_pcc")
+    ceil_s = f"split-half ceiling PCC {ceil:.3f}" if ceil is not None else "noise-free HR truth (no ceiling)"
+    return (f"{tag}{sn}: {sec['n_spots']} spots, {ceil_s}; {run['scale']}×, {len(run['genes'])} genes, "
+            f"budget {run['budget']}, {run['device']}")
+
+
+def _iter_runs(result: dict):
+    if "runs" in result:
+        for k in result["runs"]:
+            yield result["runs"][k]
+    else:
+        yield result
+
+
+def format_table(result: dict) -> str:
+    """Plain-text table(s): method × metric, one block per test section (and scale)."""
+    lines = []
+    for run in _iter_runs(result):
+        for sn, sec in run["sections"].items():
+            lines.append(_section_title(run, sn, sec))
+            lines.append(f"{'method':<16}" + "".join(f"{c:>12}" for c, _ in _COLS))
+            for mn, row in sec["methods"].items():
+                lines.append(f"{mn:<16}" + "".join(f"{_fmt(row.get(c), nd):>12}" for c, nd in _COLS))
+            lines.append("")
+    return "\n".join(lines)
+
+
+def format_markdown(result: dict) -> str:
+    """The same tables in Markdown (for docs/benchmark.md)."""
+    out = []
+    for run in _iter_runs(result):
+        for sn, sec in run["sections"].items():
+            out.append(f"**{_section_title(run, sn, sec)}**\n")
+            out.append("| method | PCC ↑ | RMSE ↓ | SSIM ↑ | detail-PCC ↑ | seconds | peak MiB |")
+            out.append("|---|---:|---:|---:|---:|---:|---:|")
+            for mn, row in sec["methods"].items():
+                out.append(f"| {mn} | " + " | ".join(_fmt(row.get(c), nd) for c, nd in _COLS) + " |")
+            out.append("")
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _write_json(path, obj) -> None:
+    p = Path(path)
+    if p.parent and not p.parent.exists():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False))
+    os.replace(tmp, p)
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        out = [int(x) for x in str(s).split(",") if x.strip()]
+    except ValueError:
+        raise DiffSTError(f"--synthetic-scales {s!r}: expected comma-separated integers such as 5,10") from None
+    if not out or any(v < 2 for v in out):
+        raise DiffSTError(f"--synthetic-scales {s!r}: expected integers ≥ 2")
+    return out
+
+
+def cmd_benchmark(args) -> int:
+    t0 = time.time()
+    parse_methods(args.methods)  # fail before loading any data
+    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+    common = dict(n_genes=args.n_genes, genes=genes, methods=args.methods, budget=args.budget, seed=args.seed,
+                  device=args.device, quiet=args.quiet)
+    if args.synthetic:
+        size = args.synthetic_size_um
+        skw = {"size_um": (float(size), float(size))} if size else None
+        result = run_synthetic(scales=_int_list(args.synthetic_scales), synthetic_kw=skw, save_maps=args.save_maps,
+                               **common)
+    else:
+        if not args.train or not args.val or not args.test:
+            raise DiffSTError("benchmark needs --train DIR [DIR ...] --val DIR --test DIR [DIR ...] "
+                              "(or --synthetic)")
+        result = run_benchmark(args.train, args.val, args.test, scale=args.scale, save_maps=args.save_maps,
+                               **common)
+    problems = validate_result(result)
+    if problems:  # pragma: no cover - a bug, not bad input
+        raise DiffSTError("benchmark produced an invalid result: " + "; ".join(problems[:5]))
+    print(format_table(result))
+    wall = time.time() - t0
+    print(f"{'SYNTHETIC benchmark' if result.get('synthetic') else 'benchmark'} finished in {wall:.1f} s")
+    if args.out:
+        _write_json(args.out, result)
+        print(f"wrote {args.out}")
+    if args.markdown:
+        Path(args.markdown).write_text(format_markdown(result))
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Add the ``benchmark`` sub-command to the ``napari-diffst`` parser."""
+    b = sub.add_parser("benchmark", help="train/fit every method on the same sections and score them on each "
+                                         "test section (table + JSON)",
+                       description="Benchmark Diff-ST against the baselines (see docs/benchmark.md).")
+    b.add_argument("--train", nargs="+", help="training sections (reader paths or synthetic:SEED); a bare name "
+                                              "is looked up beside the first one")
+    b.add_argument("--val", help="validation section")
+    b.add_argument("--test", nargs="+", help="test sections (each gets a table)")
+    b.add_argument("--scale", type=int, default=2, help="super-resolution factor (default 2: 2×2 spot blocks)")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--n-genes", type=int, default=25, help="panel size chosen on the training sections")
+    g.add_argument("--genes", help="comma-separated gene names instead of --n-genes")
+    b.add_argument("--methods", default="all", help=f"'all' or a comma list of {','.join(METHOD_NAMES)}")
+    b.add_argument("--budget", choices=list(BUDGETS), default="quick",
+                   help="quick: ≤ 15 min on 2 CPU cores for the dev split; full: for a GPU; tiny: tests")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (diffusion methods)")
+    b.add_argument("--out", default=None, help="write the results as JSON")
+    b.add_argument("--markdown", default=None, help="write the tables as Markdown")
+    b.add_argument("--save-maps", default=None, help="folder for <section>.npz maps (truth, LR, each method)")
+    b.add_argument("--synthetic", action="store_true",
+                   help="seeded synthetic sections with HR truth (train synthetic:1,2, val :3, test :0) "
+                        "at 5× and 10×")
+    b.add_argument("--synthetic-scales", default="5,10", help="scales of --synthetic (default 5,10)")
+    b.add_argument("--synthetic-size-um", type=float, default=None,
+                   help="side of each synthetic section in µm (default 3000)")
+    b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    b.set_defaults(func=cmd_benchmark)
