@@ -71,8 +71,11 @@ __all__ = ["DIFFUSION_BUDGETS", "METHOD_NAMES", "METRICS", "Method", "DiffusionM
 DIFFUSION_BUDGETS: dict[str, dict] = {
     "tiny": dict(model_preset="tiny", steps=3, batch_size=2, lr_size=4, sample_steps=2, n_samples=1,
                  sampler="ddim", train_overrides=dict(log_every=1, warmup_steps=1), model_overrides={}),
-    "quick": dict(model_preset="quick", steps=300, batch_size=4, lr_size=8, sample_steps=50, n_samples=4,
-                  sampler="ddpm", train_overrides=dict(time_limit_s=240.0), model_overrides={}),
+    # quick: chosen on the validation section C5 only (docs/benchmark.md, "Tuning"): edge-aware cubic LR
+    # condition (pipeline default), the distillation head for diffst, lr 5e-4, 20 respaced steps × 4 samples
+    "quick": dict(model_preset="quick", steps=300, batch_size=4, lr_size=8, sample_steps=20, n_samples=4,
+                  sampler="ddpm", train_overrides=dict(time_limit_s=300.0, lr=5e-4),
+                  model_overrides={"distill": True}),
     "full": dict(model_preset="full", steps=40000, batch_size=16, lr_size=16, sample_steps=250, n_samples=8,
                  sampler="ddpm", train_overrides={}, model_overrides={}),
 }
@@ -148,8 +151,8 @@ class DiffusionMethod:
         kn = self.resolved_knobs(budget)
         self.knobs_ = kn
         overrides = dict(kn.get("model_overrides") or {})
-        if self.ablate_all:
-            overrides.update(use_cam=False, use_cigc=False, use_hier=False)
+        if self.ablate_all:  # plain conditional diffusion: no Diff-ST component, no distillation head
+            overrides.update(use_cam=False, use_cigc=False, use_hier=False, distill=False)
         t0 = time.perf_counter()
         self.trainer = P.make_trainer(list(train_fields), budget=kn["model_preset"], steps=kn["steps"],
                                       batch_size=kn["batch_size"], lr_size=kn["lr_size"], seed=seed,
@@ -307,43 +310,16 @@ class PeakRSS:
 
 # ------------------------------------------------------------------------------------------ gene panel
 def select_genes_variance(train, n: int = 25, apply_to: Sequence = (), min_frac_detected: float = 0.5) -> list[str]:
-    """The ``n`` genes with the largest variance of log1p(CP10k) over the pooled in-tissue training spots,
-    among genes present in every section (``train`` + ``apply_to``) and detected in ≥ ``min_frac_detected``
-    of those spots.  Ties: higher mean, then name.
+    """The benchmark's panel: the ``n`` genes with the largest variance of log1p(CP10k) over the pooled
+    in-tissue training spots, among genes present in every section and detected in ≥ ``min_frac_detected``
+    of those spots (``select_genes(method='variance')``; the Seurat dispersion flavour favours noisy
+    low-count genes on legacy ST)."""
+    from .data.genes import select_genes
 
-    (Kept here until ``select_genes(flavour='variance')`` lands in :mod:`napari_diffst.data.genes`; the
-    Seurat dispersion flavour favours noisy low-count genes on legacy ST.)"""
-    from .data.genes import _common_genes, _counts, _in_tissue, log_cp10k
-
-    train = list(train)
-    if not train:
-        raise DiffSTError("gene selection needs at least one training section")
-    names, cols = _common_genes(train + list(apply_to))
-    if not names:
-        raise DiffSTError("the sections share no gene names")
-    vals, det, n_tot = [], np.zeros(len(names)), 0
-    for x, c in zip(train, cols[: len(train)]):
-        C = _counts(x)[_in_tissue(x)]
-        lib = np.asarray(C.sum(axis=1)).ravel().astype(np.float64)
-        vals.append(log_cp10k(C, c, library_size=lib))
-        det += np.asarray((C[:, c] > 0).sum(axis=0)).ravel()
-        n_tot += C.shape[0]
-    if n_tot < 2:
-        raise DiffSTError("the training sections have fewer than 2 in-tissue spots")
-    V = np.concatenate(vals, 0)
-    var, mean = V.var(axis=0, ddof=1), V.mean(axis=0)
-    ok = np.flatnonzero((det / n_tot >= float(min_frac_detected)) & (var > 1e-12))
-    if len(ok) == 0:
-        raise DiffSTError(f"no gene is detected in ≥ {min_frac_detected:.0%} of training spots and present in "
-                          "every section")
-    if len(ok) < n:
-        print(f"benchmark: only {len(ok)} genes are eligible (asked for {n})", file=sys.stderr)
-    nm = np.asarray(names, dtype=object)[ok].astype(str)
-    order = np.lexsort((nm, -mean[ok], -var[ok]))
-    return [str(g) for g in nm[order[: int(n)]]]
+    return select_genes(list(train), method="variance", n=n, min_frac_detected=min_frac_detected,
+                        apply_to=list(apply_to))
 
 
-# ------------------------------------------------------------------------------------------ running
 def _resolve_spec(spec: str, base: Path | None) -> str:
     s = str(spec)
     if s.startswith("synthetic") or Path(s).exists() or base is None:
