@@ -1,7 +1,7 @@
 """Small Qt helpers shared by the dock sections."""
 from __future__ import annotations
 
-from qtpy.QtWidgets import QFormLayout, QGroupBox, QLabel, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 
 class Section(QGroupBox):
@@ -17,10 +17,13 @@ class Section(QGroupBox):
         self._outer.addLayout(self.form)
 
     def add_row(self, label: str | None, widget: QWidget):
+        if isinstance(widget, QComboBox):
+            narrow_combo(widget)
         if label is None:
             self.form.addRow(widget)
         else:
-            self.form.addRow(label, widget)
+            # a plain "&" in a form label is a Qt mnemonic ("H&E" would show as "HE"): escape it
+            self.form.addRow(label.replace("&", "&&"), widget)
         return widget
 
     def add_widget(self, widget: QWidget):
@@ -28,9 +31,17 @@ class Section(QGroupBox):
         return widget
 
 
+def narrow_combo(combo: QComboBox, min_chars: int = 8) -> QComboBox:
+    """Let a combo box shrink below its longest item (long layer names must not widen the dock)."""
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(min_chars)
+    return combo
+
+
 def info_label(text: str = "") -> QLabel:
     lab = QLabel(text)
     lab.setWordWrap(True)
+    lab.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Minimum)
     lab.setStyleSheet("color: #b0b0b0;")
     return lab
 

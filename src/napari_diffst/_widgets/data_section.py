@@ -13,7 +13,9 @@ def sample_of(layer):
     """The core Sample a layer was made from (readers store it in layer metadata)."""
     if layer is None:
         return None
-    return layer.metadata.get("diffst_sample")
+    from .state import unwrap
+
+    return unwrap(layer.metadata.get("diffst_sample"))
 
 
 class DataSection(Section):

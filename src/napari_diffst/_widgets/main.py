@@ -1,9 +1,31 @@
 """The "Super-resolve ST" dock: sections a user walks through top to bottom."""
 from __future__ import annotations
 
-from qtpy.QtWidgets import QLabel, QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtCore import QEvent, Qt
+from qtpy.QtWidgets import QApplication, QLabel, QMainWindow, QMessageBox, QScrollArea, QVBoxLayout, QWidget
 
 from .state import DockState
+
+#: modules a first training / sampling / comparison run would otherwise import in its worker thread.
+#: Importing a large module holds the GIL for a long stretch (unmarshalling), which would stall the
+#: main thread mid-run, so the dock imports them once, in the background, when it opens.
+WARM_IMPORTS = ("napari_diffst.pipeline", "napari_diffst.train", "napari_diffst.model",
+                "napari_diffst.diffusion.samplers", "napari_diffst.baselines", "napari_diffst.metrics", "napari_diffst.data.registration",
+                "napari_diffst.data.grids", "napari_diffst.io.writers", "torch._dynamo", "torch.onnx",
+                "torch.distributed.tensor", "torch.utils._sympy.functions", "skimage.metrics")
+
+
+def warm_imports(names=WARM_IMPORTS) -> list[str]:
+    """Import ``names`` (ignoring those that fail); returns the ones that failed."""
+    import importlib
+
+    failed = []
+    for n in names:
+        try:
+            importlib.import_module(n)
+        except Exception:  # noqa: BLE001 - optional speed-up only
+            failed.append(n)
+    return failed
 
 
 def _section_classes():
@@ -33,6 +55,7 @@ class SuperResolveWidget(QScrollArea):
 
     def __init__(self, napari_viewer, parent=None):
         super().__init__(parent)
+        self._main_window = None
         self.viewer = napari_viewer
         self.state = DockState()
         inner = QWidget()
@@ -41,6 +64,10 @@ class SuperResolveWidget(QScrollArea):
         title = QLabel("<b>Super-resolve ST</b> — Diff-ST: histology-guided super-resolution of gene maps")
         title.setWordWrap(True)
         lay.addWidget(title)
+        import threading
+
+        self.warmup = threading.Thread(target=warm_imports, name="napari-diffst-warmup", daemon=True)
+        self.warmup.start()
         self.sections = {}
         for cls in _section_classes():
             sec = cls(napari_viewer, self.state, parent=inner)
@@ -50,7 +77,59 @@ class SuperResolveWidget(QScrollArea):
         lay.addStretch(1)
         self.setWidget(inner)
         self.setWidgetResizable(True)
-        self.setMinimumWidth(360)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        # never narrower than the sections need (no horizontal scrolling, nothing clipped)
+        need = inner.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+        self.setMinimumWidth(max(400, need))
 
     def section(self, key: str):
         return self.sections[key]
+
+    # -- closing the viewer during a run ------------------------------------------------------------
+    def running_jobs(self) -> list:
+        """JobRunners of the sections that are still running."""
+        return [sec.runner for sec in self.sections.values()
+                if getattr(sec, "runner", None) is not None and sec.runner.running]
+
+    def showEvent(self, event):
+        super().showEvent(event)
+        if self._main_window is None:
+            w = self.parent()
+            while w is not None and not isinstance(w, QMainWindow):
+                w = w.parent()
+            if w is not None:  # the viewer's main window, also when the dock floats
+                self._main_window = w
+                w.installEventFilter(self)
+
+    def eventFilter(self, obj, event):
+        if obj is not None and obj is getattr(self, "_main_window", None) and event.type() == QEvent.Type.Close:
+            jobs = self.running_jobs()
+            if jobs:
+                if not self.confirm_close(jobs):
+                    event.ignore()
+                    return True
+                self.shutdown_jobs(jobs)
+        return super().eventFilter(obj, event)
+
+    def confirm_close(self, jobs) -> bool:
+        """Ask before closing the viewer while a run is going on (replaced in tests)."""
+        what = "\n".join(f"• {r.status}" for r in jobs)
+        ans = QMessageBox.question(
+            self._main_window or self, "napari-diffst is running",
+            f"{what}\n\nClose the viewer anyway? The run is cancelled after its current step; a training run "
+            "keeps its last checkpoint.", QMessageBox.StandardButton.Close | QMessageBox.StandardButton.Cancel,
+            QMessageBox.StandardButton.Cancel)
+        return ans == QMessageBox.StandardButton.Close
+
+    def shutdown_jobs(self, jobs=None, timeout_s: float = 60.0) -> bool:
+        """Cancel the running jobs and wait until their workers have finished (checkpoint written)."""
+        import time
+
+        jobs = self.running_jobs() if jobs is None else jobs
+        ok = all([r.shutdown(timeout_s) for r in jobs])
+        # let the workers' 'finished' signals through, so napari sees no busy task any more
+        t_end = time.perf_counter() + 5.0
+        while any(not r.finished for r in jobs) and time.perf_counter() < t_end:
+            QApplication.processEvents()
+            time.sleep(0.01)
+        return ok

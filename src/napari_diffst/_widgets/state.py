@@ -6,6 +6,15 @@ from __future__ import annotations
 from psygnal import Signal
 
 
+def unwrap(obj):
+    """The object behind napari's ``PublicOnlyProxy``. A plugin widget gets a proxied viewer, and the proxy
+    also wraps every object whose module starts with "napari" — including ``napari_diffst`` Samples found
+    in layer metadata — so ``is`` comparisons fail and attribute access is slow. Unwrap at the boundary."""
+    while obj is not None and type(obj).__name__.endswith("PublicOnlyProxy") and hasattr(obj, "__wrapped__"):
+        obj = obj.__wrapped__
+    return obj
+
+
 class DockState:
     """What the user has chosen so far, walking the sections top to bottom."""
 
@@ -13,8 +22,10 @@ class DockState:
     genes_changed = Signal(list)        # list[str]
     scale_changed = Signal(int)
     checkpoint_changed = Signal(str)    # folder of the last/selected checkpoint
-    results_changed = Signal(dict)      # method -> (G, H, W) maps in model units
+    results_changed = Signal(dict)      # method -> SRResult (Diff-ST) / (G, H, W) maps in model units
     busy_changed = Signal(bool)
+    registration_changed = Signal(object)  # the sample whose transform changed
+    train_fields_changed = Signal(list)    # SRFields the last training run used (baselines fit on them)
 
     def __init__(self):
         self.sample = None
@@ -25,9 +36,16 @@ class DockState:
         self.checkpoint: str = ""
         self.field = None
         self.results: dict = {}
+        self.train_fields: list = []
         self.busy = False
 
     def set_sample(self, sample, histology_layer=None, spots_layer=None):
+        """Choose the sample (unwrapped from napari's plugin proxy, see :func:`unwrap`); setting the same
+        sample and layers again emits nothing (re-ranking 15k genes on every layer insert is costly)."""
+        sample = unwrap(sample)
+        if (sample is self.sample and histology_layer == self.histology_layer
+                and spots_layer == self.spots_layer):
+            return
         self.sample = sample
         self.histology_layer = histology_layer
         self.spots_layer = spots_layer
@@ -51,6 +69,16 @@ class DockState:
     def set_results(self, results: dict):
         self.results = dict(results)
         self.results_changed.emit(self.results)
+
+    def set_registration(self, sample):
+        """The sample's ``transform`` changed: rasters sampled from the H&E must be rebuilt."""
+        self.field = None
+        self.train_fields = []
+        self.registration_changed.emit(sample)
+
+    def set_train_fields(self, fields):
+        self.train_fields = list(fields or [])
+        self.train_fields_changed.emit(self.train_fields)
 
     def set_busy(self, b: bool):
         self.busy = bool(b)

@@ -1,0 +1,444 @@
+"""Section 6 — Compare: Diff-ST vs baselines vs the LR input (vs the HR truth when known), side by side.
+
+Baselines (:data:`napari_diffst.baselines.BASELINES`) are fitted on the training fields and run on the
+field that was super-resolved, in a napari thread worker (:func:`.workers.compare_job`), which also scores
+every method with :func:`napari_diffst.metrics.score_field` when the field has HR truth. One layer per
+(gene, method) is added (``cmp <gene> · <method>``) with **one colormap and one contrast range per gene**
+shared by all methods. "Side by side" is napari's grid mode (one camera for all cells = linked pan/zoom,
+each cell labelled with its layer name), showing the chosen gene only; leaving it restores the layers'
+visibility. The metrics table holds gene means of PCC, RMSE, SSIM and detail-PCC (per-gene values in the
+tooltips and in the CSV). Export writes the maps (OME-Zarr / OME-TIFF / .h5ad, with the uncertainty for
+Diff-ST) with :mod:`napari_diffst.io.writers` and the table as CSV."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QHBoxLayout, QHeaderView, QListWidget,
+                            QListWidgetItem, QPushButton, QTableWidget, QTableWidgetItem, QWidget)
+
+from . import settings
+from ._common import Section, narrow_combo, info_label, notify_error, notify_info, notify_warning
+from .sample_section import LayerQueue, gene_colormap
+from .workers import (METRIC_COLUMNS, Job, JobRunner, compare_job, contrast_limits, masked_expression,
+                      grid_shape, metrics_csv, metrics_rows, raster_layer_kwargs)
+
+BASELINE_TEXT = {
+    "nearest": "nearest (LR block copy)",
+    "bicubic": "bicubic (edge-aware)",
+    "tesla": "TESLA-style (colour-weighted)",
+    "istar": "iStar-style (weak supervision)",
+    "unet": "U-Net (supervised)",
+}
+FORMATS = (("ome-zarr", "OME-Zarr (.ome.zarr)", ".ome.zarr"), ("tiff", "OME-TIFF (.ome.tif)", ".ome.tif"),
+           ("h5ad", "AnnData (.h5ad)", ".h5ad"))
+
+
+def _row(*widgets, stretch=None):
+    w = QWidget()
+    h = QHBoxLayout(w)
+    h.setContentsMargins(0, 0, 0, 0)
+    for i, x in enumerate(widgets):
+        h.addWidget(x, 1 if i == stretch else 0)
+    return w
+
+
+def _grid(viewer):
+    canvas = getattr(viewer, "canvas", None)
+    return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
+
+
+class CompareSection(Section):
+    def __init__(self, viewer, state, parent=None):
+        super().__init__("6 · Compare", viewer, state, parent)
+        from ..baselines import BASELINES
+
+        self.base_list = QListWidget()
+        checked = settings.load("compare/baselines", "nearest,bicubic").split(",")
+        for name in BASELINES:
+            it = QListWidgetItem(BASELINE_TEXT.get(name, name))
+            it.setData(Qt.UserRole, name)
+            it.setFlags(it.flags() | Qt.ItemIsUserCheckable)
+            it.setCheckState(Qt.Checked if name in checked else Qt.Unchecked)
+            self.base_list.addItem(it)
+        self.base_list.setMaximumHeight(5 * 20 + 6)
+        self.add_row("Baselines", self.base_list)
+        self.budget_combo = self.add_row("Baseline budget", QComboBox())
+        self.budget_combo.addItems(["tiny", "quick", "full"])
+        self.budget_combo.setCurrentText(settings.load("compare/budget", "quick"))
+        self.run_btn = QPushButton("Compare")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.add_row(None, _row(self.run_btn, self.cancel_btn))
+        self.gene_combo = narrow_combo(QComboBox(), 6)
+        self.grid_btn = QPushButton("Side by side")
+        self.grid_btn.setCheckable(True)
+        self.grid_btn.setToolTip("napari grid mode: one cell per method, one camera (linked pan/zoom)")
+        self.add_row("Gene", _row(self.gene_combo, self.grid_btn, stretch=0))
+        self.table = QTableWidget(0, 1 + len(METRIC_COLUMNS))
+        self.table.setHorizontalHeaderLabels(["method"] + [t for _, t in METRIC_COLUMNS])
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.Stretch)
+        self.table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeToContents)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.setMinimumHeight(60)
+        self.add_row(None, self.table)
+        self.export_method = narrow_combo(QComboBox(), 6)
+        self.export_fmt = narrow_combo(QComboBox(), 6)
+        for k, t, _ in FORMATS:
+            self.export_fmt.addItem(t, k)
+        self.export_btn = QPushButton("Export maps…")
+        self.csv_btn = QPushButton("Table → CSV…")
+        self.add_row("Export", _row(self.export_method, self.export_fmt, stretch=None))
+        self.add_row(None, _row(self.export_btn, self.csv_btn))
+        self.status = self.add_widget(info_label("Super-resolve in section 5 first."))
+
+        self.runner: JobRunner | None = None
+        self.preds: dict = {}
+        self.scores: dict = {}
+        self.field = None
+        self.result = None
+        self.layers: dict = {}      # (gene, method) -> layer (added per gene, when first shown)
+        self._maps: dict = {}       # method -> (G, H, W) log1p CP10k, NaN outside tissue
+        self._clim: dict = {}
+        self._place: dict = {}
+        self._saved_visibility = None
+        self.queue = LayerQueue(viewer, self)
+        #: replaced in tests: (title, suggested path, filter) -> path or ""
+        self.ask_save_path = self._ask_save_path
+
+        self.run_btn.clicked.connect(self.start)
+        self.cancel_btn.clicked.connect(self.cancel)
+        self.gene_combo.currentTextChanged.connect(self._on_gene)
+        self.grid_btn.toggled.connect(self.set_grid)
+        self.export_btn.clicked.connect(self.export_maps_dialog)
+        self.csv_btn.clicked.connect(self.export_csv_dialog)
+        self.budget_combo.currentTextChanged.connect(lambda t: settings.save("compare/budget", t))
+        self.base_list.itemChanged.connect(lambda *_: settings.save("compare/baselines", ",".join(self.baselines())))
+        state.results_changed.connect(self._on_results)
+        state.busy_changed.connect(lambda *_: self._update_enabled())
+        self._update_enabled()
+
+    # -- options -------------------------------------------------------------------------------
+    def baselines(self) -> list[str]:
+        out = []
+        for i in range(self.base_list.count()):
+            it = self.base_list.item(i)
+            if it.checkState() == Qt.Checked:
+                out.append(it.data(Qt.UserRole))
+        return out
+
+    def set_baselines(self, names):
+        for i in range(self.base_list.count()):
+            it = self.base_list.item(i)
+            it.setCheckState(Qt.Checked if it.data(Qt.UserRole) in names else Qt.Unchecked)
+
+    def _on_results(self, results):
+        self.result = results.get("Diff-ST")
+        if self.result is not None:
+            fld = self.result.field
+            self.status.setText(f"Ready to compare on {fld.name} ({'with' if fld.hr is not None else 'no'} HR truth).")
+        self._update_enabled()
+
+    def _update_enabled(self):
+        running = self.runner is not None and self.runner.running
+        self.run_btn.setEnabled(self.result is not None and not self.state.busy and not running)
+        self.cancel_btn.setEnabled(running)
+        has = bool(self.preds)
+        for w in (self.gene_combo, self.grid_btn, self.export_method, self.export_fmt, self.export_btn):
+            w.setEnabled(has)
+        self.csv_btn.setEnabled(bool(self.scores))
+
+    # -- run -----------------------------------------------------------------------------------
+    def start(self):
+        if self.result is None or self.state.busy:
+            return
+        self.state.set_busy(True)
+        self.queue.hold()
+        self.status.setText("Fitting baselines…")
+        job = Job("compare")
+        train = self.state.train_fields or []
+        names = self.baselines()
+        if not [f for f in train if f.hr is not None] and any(n in ("tesla", "istar", "unet") for n in names):
+            notify_warning("No training fields in this session (checkpoint loaded from disk): learned baselines "
+                           "fit on the compared field's own LR only.")
+        gen = compare_job(job, self.result, names, train, budget=self.budget_combo.currentText())
+        self.runner = JobRunner(self.viewer, job, gen, self._on_event, desc="napari-diffst: baselines",
+                                total=max(1, len(names)), on_done=self._on_done)
+        self._update_enabled()
+
+    def cancel(self):
+        if self.runner is not None and self.runner.running:
+            self.runner.cancel()
+
+    def _on_event(self, d):
+        kind = d["kind"]
+        if kind == "progress":
+            self.status.setText(d["message"] + "…")
+            self.runner.set_progress(d["done"], desc=f"napari-diffst: {d['message']}")
+        elif kind == "result":
+            self.preds, self.scores, self.field = d["preds"], d["scores"], d["field"]
+            self._fill_table()
+            self._add_layers()
+        elif kind == "cancelled":
+            self.status.setText(d["message"])
+        elif kind == "error":
+            notify_error(d["message"])
+            self.status.setText(d["message"])
+
+    def _on_done(self):
+        self.state.set_busy(False)
+        self._update_enabled()
+        self.queue.release()
+
+    # -- table ---------------------------------------------------------------------------------
+    def _fill_table(self):
+        rows = metrics_rows(self.scores)
+        self.table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            self.table.setItem(r, 0, QTableWidgetItem(row[0]))
+            per = self.scores[row[0]].get("per_gene", {})
+            for c, v in enumerate(row[1:], start=1):
+                it = QTableWidgetItem("–" if not np.isfinite(v) else f"{v:.3f}")
+                it.setTextAlignment(Qt.AlignRight | Qt.AlignVCenter)
+                key = METRIC_COLUMNS[c - 1][0]
+                if key in per:
+                    it.setToolTip("\n".join(f"{g}: {x:.3f}" for g, x in zip(per["gene"], per[key])))
+                self.table.setItem(r, c, it)
+        self.table.resizeRowsToContents()
+        self.table.setFixedHeight(self.table.horizontalHeader().height() + self.table.verticalHeader().length()
+                                  + 2 * self.table.frameWidth() + 2)
+
+    def table_values(self) -> dict:
+        """{method: {column title: float}} as shown (for tests and scripts)."""
+        out = {}
+        for r in range(self.table.rowCount()):
+            m = self.table.item(r, 0).text()
+            out[m] = {}
+            for c, (_, t) in enumerate(METRIC_COLUMNS, start=1):
+                txt = self.table.item(r, c).text()
+                out[m][t] = float("nan") if txt == "–" else float(txt)
+        return out
+
+    # -- layers --------------------------------------------------------------------------------
+    def methods(self) -> list[str]:
+        """Cell order (top-left first): truth, Diff-ST, baselines, LR."""
+        out = (["truth"] if self.field is not None and self.field.hr is not None else [])
+        return out + list(self.preds) + ["LR"]
+
+    def _add_layers(self):
+        """Prepare the maps of every gene; add the layers of the first gene (others on demand)."""
+        fld = self.field
+        genes = list(fld.genes)
+        gs = fld.gene_scale
+        maps = {m: masked_expression(p, gs, fld.hr_mask) for m, p in self.preds.items()}
+        if fld.hr is not None:
+            maps["truth"] = masked_expression(fld.hr, gs, fld.hr_mask)
+        maps["LR"] = masked_expression(fld.lr, gs, fld.lr_mask)
+        ref = maps.get("truth", maps["Diff-ST"])
+        self._maps = maps
+        self._clim = {g: contrast_limits(ref[i]) for i, g in enumerate(genes)}
+        self._place = {"hr": raster_layer_kwargs(fld, "hr"), "lr": raster_layer_kwargs(fld, "lr")}
+        self.layers = {}
+        self._queue_gene(genes[0])
+        order = self.methods()
+
+        def finish():
+            self.gene_combo.blockSignals(True)
+            self.gene_combo.clear()
+            self.gene_combo.addItems(genes)
+            self.gene_combo.blockSignals(False)
+            self.export_method.clear()
+            self.export_method.addItems(list(self.preds))
+            self._update_enabled()
+            n = len(self.scores)
+            self.status.setText(f"{len(order)} maps per gene ({', '.join(order)})"
+                                + (f"; {n} methods scored against the HR truth." if n else
+                                   "; no HR truth here, so no scores (use the benchmark target in section 5)."))
+            if not self.grid_btn.isChecked():
+                self.grid_btn.setChecked(True)
+            else:
+                self.set_grid(True)
+
+        self.queue.on_empty = finish
+
+    def _queue_gene(self, g):
+        """Queue one layer per method for gene ``g`` (one colormap and contrast range for all of them)."""
+        fld = self.field
+        genes = list(fld.genes)
+        gi = genes.index(g)
+        cmap = gene_colormap(genes, g)
+        # napari fills the grid cells in layer-list order (first layer → top-left cell)
+        for m in self.methods():
+            if (g, m) in self.layers:
+                continue
+            md = {"diffst_role": "compare", "gene": g, "genes": [g], "method": m, "units": "log1p(CP10k)",
+                  "mask": fld.lr_mask if m == "LR" else fld.hr_mask}
+            self.queue.put(self._adder((g, m), self._maps[m][gi], dict(
+                name=f"{m} · {g}", colormap=cmap, contrast_limits=self._clim[g], visible=False, metadata=md,
+                units=("um", "um"), **self._place["lr" if m == "LR" else "hr"])))
+
+    def ensure_gene_layers(self, g):
+        """Add gene ``g``'s comparison layers now if they do not exist yet."""
+        if not self.preds or g not in list(self.field.genes):
+            return
+        missing = [m for m in self.methods() if (g, m) not in self.layers]
+        if missing:
+            self._queue_gene(g)
+
+    def _adder(self, key, data, kwargs):
+        def add():
+            ly = self.viewer.add_image(data, **kwargs)
+            try:  # the method's name in each grid cell
+                ly.name_overlay.visible = True
+                ly.name_overlay.font_size = 9
+            except AttributeError:  # napari < 0.6
+                pass
+            self.layers[key] = ly
+            return ly
+        return add
+
+    def fit_view(self):
+        """Zoom so that one map fills its grid cell (hidden layers such as the H&E are ignored)."""
+        shown = [ly for ly in self.layers.values() if ly in self.viewer.layers and ly.visible]
+        try:
+            self.viewer.reset_view(layers=shown or None, margin=0.08)
+        except TypeError:  # napari < 0.6: no layers argument
+            self.viewer.reset_view()
+
+    def current_gene(self) -> str | None:
+        return self.gene_combo.currentText() or None
+
+    def _on_gene(self, *_):
+        g = self.current_gene()
+        if not g or not self.preds:
+            return
+        if any((g, m) not in self.layers for m in self.methods()):
+            self._queue_gene(g)
+            self.queue.on_empty = lambda: self._on_gene()
+            return
+        if self.grid_btn.isChecked():
+            self._show_gene(g)
+            self.fit_view()
+
+    def _show_gene(self, gene):
+        for (g, _m), ly in self.layers.items():
+            if ly in self.viewer.layers:
+                ly.visible = g == gene
+
+    def set_grid(self, on: bool):
+        """Enter/leave the side-by-side view (napari grid mode, one shared camera)."""
+        grid = _grid(self.viewer)
+        if on:
+            if not self.layers:
+                self.grid_btn.setChecked(False)
+                return
+            if self._saved_visibility is None:
+                self._saved_visibility = {ly: ly.visible for ly in self.viewer.layers}
+            mine = set(self.layers.values())
+            for ly in self.viewer.layers:
+                if ly not in mine:
+                    ly.visible = False
+            self._show_gene(self.current_gene())
+            grid.spacing = 0.05
+            try:  # as many columns as make the maps largest on this canvas
+                h, w = self.field.hr_shape
+                grid.shape = grid_shape(len(self.methods()), self.viewer.canvas.size, (h, w))
+            except Exception:  # pragma: no cover - older napari: automatic shape
+                pass
+            grid.enabled = True
+            self.fit_view()
+        else:
+            grid.enabled = False
+            try:
+                grid.shape = (-1, -1)
+            except Exception:  # pragma: no cover
+                pass
+            saved, self._saved_visibility = self._saved_visibility, None
+            for ly in self.viewer.layers:
+                if saved is not None and ly in saved:
+                    ly.visible = saved[ly]
+                elif ly in set(self.layers.values()):
+                    ly.visible = False
+            self.viewer.reset_view()
+
+    # -- export --------------------------------------------------------------------------------
+    def _ask_save_path(self, title, suggested, filt):
+        path, _ = QFileDialog.getSaveFileName(self, title, suggested, filt)
+        return path
+
+    def export_maps(self, path, fmt: str = "ome-zarr", method: str = "Diff-ST") -> Path:
+        """Write one method's maps (log1p CP10k; Diff-ST with its uncertainty) in ``fmt``."""
+        from ..io import writers as W
+
+        fld = self.field
+        if method not in self.preds:
+            raise ValueError(f"no maps for {method!r}")
+        gs = np.asarray(fld.gene_scale, np.float32)[:, None, None]
+        mask = np.asarray(fld.hr_mask, bool)
+        maps = np.where(mask[None], self.preds[method] * gs, 0).astype(np.float32)
+        extra = {}
+        if method == "Diff-ST" and self.result is not None:
+            extra["uncertainty"] = np.where(mask[None], self.result.std * gs, 0).astype(np.float32)
+        A = np.asarray(fld.extra.get("hr_affine", np.eye(3)), float)
+        origin = (float(A[1, 2] * fld.um_per_px), float(A[0, 2] * fld.um_per_px))
+        md = {"napari_diffst": {"method": method, "section": fld.name, "scale": fld.scale, "hr_um": fld.hr_um,
+                                "units": "log1p(CP10k)", "hr_affine_px": A.tolist(),
+                                "um_per_px_fullres": fld.um_per_px,
+                                "gene_scale": [float(x) for x in fld.gene_scale]}}
+        if self.result is not None and method == "Diff-ST":
+            md["napari_diffst"].update(steps=self.result.steps, n_samples=self.result.n_samples)
+        if fmt == "ome-zarr":
+            out = W.write_ome_zarr(path, maps, list(fld.genes), fld.hr_um, origin, extra_channels=extra, metadata=md)
+        elif fmt == "tiff":
+            out = W.write_tiff(path, maps, list(fld.genes), fld.hr_um, origin, extra_channels=extra, metadata=md)
+        elif fmt == "h5ad":
+            out = W.write_h5ad(path, maps, list(fld.genes), fld.hr_um, mask, origin, extra_channels=extra,
+                               metadata=md)
+        else:
+            raise ValueError(f"unknown format {fmt!r}")
+        return Path(out)
+
+    def export_maps_dialog(self):
+        if not self.preds:
+            return
+        fmt = self.export_fmt.currentData()
+        ext = {k: e for k, _, e in FORMATS}[fmt]
+        method = self.export_method.currentText() or "Diff-ST"
+        start = Path(settings.load("export_dir", str(Path.home()))) / f"{self.field.name}_{method}{ext}"
+        path = self.ask_save_path("Export maps", str(start), f"{self.export_fmt.currentText()};;All files (*)")
+        if not path:
+            return
+        if not path.endswith(ext) and not (fmt == "tiff" and path.endswith((".tif", ".tiff"))) \
+                and not (fmt == "ome-zarr" and path.endswith(".zarr")):
+            path += ext
+        try:
+            out = self.export_maps(path, fmt, method)
+        except Exception as exc:
+            notify_error(f"Export to {path} failed: {exc}. Choose another folder or format.")
+            return
+        settings.save("export_dir", str(Path(path).parent))
+        notify_info(f"Wrote {out}")
+        self.status.setText(f"Wrote {out}")
+
+    def export_csv(self, path) -> Path:
+        p = Path(path)
+        p.write_text(metrics_csv(self.scores))
+        return p
+
+    def export_csv_dialog(self):
+        if not self.scores:
+            return
+        start = Path(settings.load("export_dir", str(Path.home()))) / f"{self.field.name}_metrics.csv"
+        path = self.ask_save_path("Export metrics table", str(start), "CSV (*.csv)")
+        if not path:
+            return
+        try:
+            out = self.export_csv(path if path.endswith(".csv") else path + ".csv")
+        except OSError as exc:
+            notify_error(f"Cannot write {path}: {exc}. Choose another folder.")
+            return
+        settings.save("export_dir", str(Path(path).parent))
+        notify_info(f"Wrote {out}")
+        self.status.setText(f"Wrote {out}")

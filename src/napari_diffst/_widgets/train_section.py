@@ -1,0 +1,256 @@
+"""Section 4 — Train: budget, steps, batch, checkpoint folder, resume; a live loss plot and ETA.
+
+Training runs in a napari thread worker (:func:`.workers.train_job`): the generator builds the training
+fields and yields one event per step; the dock updates the plot, the ETA, the activity-dock bar and the
+close-confirmation task status from those events on the main thread. Cancel asks the trainer to stop
+before its next step; it writes the checkpoint and the run ends ('cancelled'). GPU memory is released
+when the generator ends."""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton,
+                            QSpinBox, QToolButton, QWidget)
+
+from . import settings
+from ._common import Section, info_label, notify_error, notify_info, notify_warning
+from .plots import LossPlot
+from .workers import Job, JobRunner, format_eta, train_job
+
+BUDGETS = (("tiny", "tiny (tests, seconds)"), ("quick", "quick (CPU minutes)"), ("full", "full (GPU hours)"))
+DEFAULT_STEPS = {"tiny": 20, "quick": 300, "full": 40000}
+DEFAULT_BATCH = {"tiny": 2, "quick": 4, "full": 16}
+CUDA_MISSING_TIP = ("CUDA is not available (no NVIDIA GPU, or a CPU-only PyTorch build): training runs on the "
+                    "CPU and is slow. Use the 'tiny'/'quick' budget here, or train on a GPU machine with "
+                    "`napari-diffst train` and load the checkpoint in section 5.")
+
+
+def _row(*widgets, stretch=None):
+    w = QWidget()
+    h = QHBoxLayout(w)
+    h.setContentsMargins(0, 0, 0, 0)
+    for i, x in enumerate(widgets):
+        h.addWidget(x, 1 if i == stretch else 0)
+    return w
+
+
+def device_text() -> tuple[str, str, str]:
+    """(label, colour, tooltip) for the compute device training will use."""
+    try:
+        from ..device import device_label
+
+        name = device_label("auto")
+    except Exception as exc:  # pragma: no cover
+        return "CPU", "#e5c100", f"device check failed: {exc}"
+    if name == "CPU":
+        return "CPU", "#e5c100", CUDA_MISSING_TIP
+    return name, "#3cb043", "training and sampling run on this accelerator"
+
+
+class TrainSection(Section):
+    def __init__(self, viewer, state, parent=None):
+        super().__init__("4 · Train", viewer, state, parent)
+        self.budget_combo = self.add_row("Budget", QComboBox())
+        for k, t in BUDGETS:
+            self.budget_combo.addItem(t, k)
+        b = settings.load("train/budget", "quick")
+        self.budget_combo.setCurrentIndex(max(0, [k for k, _ in BUDGETS].index(b) if b in dict(BUDGETS) else 1))
+        self.steps_spin = QSpinBox()
+        self.steps_spin.setRange(1, 1_000_000)
+        self.steps_spin.setValue(settings.load("train/steps", DEFAULT_STEPS[self.budget], int))
+        self.batch_spin = QSpinBox()
+        self.batch_spin.setRange(1, 512)
+        self.batch_spin.setValue(settings.load("train/batch", DEFAULT_BATCH[self.budget], int))
+        self.patch_spin = QSpinBox()
+        self.patch_spin.setRange(2, 64)
+        self.patch_spin.setValue(settings.load("train/lr_size", 8, int))
+        self.patch_spin.setToolTip("LR pixels per side of a training patch (capped at the section size)")
+        self.add_row("Steps", self.steps_spin)
+        self.add_row("Batch / patch", _row(self.batch_spin, QLabel("patch"), self.patch_spin, stretch=0))
+        self.ckpt_edit = QLineEdit(settings.load("train/ckpt_dir", ""))
+        self.ckpt_edit.setPlaceholderText("checkpoint folder (default: ~/napari-diffst-runs/…)")
+        self.ckpt_btn = QToolButton()
+        self.ckpt_btn.setText("…")
+        self.add_row("Checkpoints", _row(self.ckpt_edit, self.ckpt_btn, stretch=0))
+        self.resume_check = QCheckBox("resume from")
+        self.resume_edit = QLineEdit(settings.load("train/resume", ""))
+        self.resume_edit.setPlaceholderText("checkpoint folder to continue")
+        self.resume_btn = QToolButton()
+        self.resume_btn.setText("…")
+        self.add_row(None, _row(self.resume_check, self.resume_edit, self.resume_btn, stretch=1))
+        name, colour, tip = device_text()
+        self.device_label = QLabel(f"<b style='color:{colour}'>{name}</b>")
+        self.device_label.setToolTip(tip)
+        self.device_name = name
+        self.add_row("Device", self.device_label)
+        self.train_btn = QPushButton("Train")
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.add_row(None, _row(self.train_btn, self.cancel_btn))
+        self.plot = self.add_widget(LossPlot(self))
+        self.eta_label = self.add_widget(info_label("Not trained yet."))
+
+        self.runner: JobRunner | None = None
+        self._notice = None
+        self.last_event = None
+        self.history: list = []   # TrainEvents of the current run
+        self.fields = None
+
+        self.budget_combo.currentIndexChanged.connect(self._on_budget)
+        self.steps_spin.valueChanged.connect(lambda v: settings.save("train/steps", int(v)))
+        self.batch_spin.valueChanged.connect(lambda v: settings.save("train/batch", int(v)))
+        self.patch_spin.valueChanged.connect(lambda v: settings.save("train/lr_size", int(v)))
+        self.ckpt_btn.clicked.connect(self._choose_ckpt)
+        self.resume_btn.clicked.connect(self._choose_resume)
+        self.train_btn.clicked.connect(self.start)
+        self.cancel_btn.clicked.connect(self.cancel)
+        for sig in (state.sample_changed, state.genes_changed, state.busy_changed):
+            sig.connect(lambda *_: self._update_enabled())
+        self._update_enabled()
+
+    # -- options -------------------------------------------------------------------------------
+    @property
+    def budget(self) -> str:
+        return self.budget_combo.currentData()
+
+    def _on_budget(self, *_):
+        settings.save("train/budget", self.budget)
+        self.steps_spin.setValue(DEFAULT_STEPS[self.budget])
+        self.batch_spin.setValue(DEFAULT_BATCH[self.budget])
+
+    def _choose_ckpt(self):
+        start = self.ckpt_edit.text() or settings.load("train/ckpt_parent", str(Path.home()))
+        d = QFileDialog.getExistingDirectory(self, "Checkpoint folder", start)
+        if d:
+            self.ckpt_edit.setText(d)
+
+    def _choose_resume(self):
+        start = self.resume_edit.text() or settings.load("train/ckpt_parent", str(Path.home()))
+        d = QFileDialog.getExistingDirectory(self, "Resume from checkpoint folder", start)
+        if d:
+            self.resume_edit.setText(d)
+            self.resume_check.setChecked(True)
+
+    def checkpoint_dir(self) -> Path:
+        txt = self.ckpt_edit.text().strip()
+        if txt:
+            return Path(txt).expanduser()
+        name = self.state.sample.name if self.state.sample is not None else "run"
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path.home() / "napari-diffst-runs" / f"{name}-{stamp}"
+
+    def _update_enabled(self):
+        running = self.runner is not None and self.runner.running
+        ok = self.state.sample is not None and bool(self.state.genes)
+        self.train_btn.setEnabled(ok and not self.state.busy and not running)
+        self.cancel_btn.setEnabled(running)
+        if not running:
+            if self.state.sample is None:
+                self.train_btn.setToolTip("Pick ST data in section 1")
+            elif not self.state.genes:
+                self.train_btn.setToolTip("Check genes in section 3")
+            else:
+                self.train_btn.setToolTip("")
+
+    # -- run -----------------------------------------------------------------------------------
+    def start(self):
+        st = self.state
+        if st.sample is None or not st.genes or st.busy:
+            return
+        out = self.checkpoint_dir()
+        resume = self.resume_edit.text().strip() if self.resume_check.isChecked() else None
+        if (out / "model.pt").exists() and not (resume and Path(resume).expanduser().resolve() == out.resolve()):
+            # never overwrite an earlier checkpoint silently: a new run goes into a fresh sub-folder
+            out = out / f"{st.sample.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            notify_error(f"Cannot create the checkpoint folder {out}: {exc}. Choose another folder.")
+            return
+        settings.save("train/ckpt_parent", str(out.parent))
+        if self.ckpt_edit.text().strip():
+            settings.save("train/ckpt_dir", self.ckpt_edit.text().strip())
+        if resume:
+            settings.save("train/resume", resume)
+        self.plot.clear()
+        self.plot.set_total(self.steps_spin.value())
+        self.plot.update_now()  # the one full draw of the axes, before the worker starts
+        self.history = []
+        self.last_event = None
+        self.out_dir = out
+        self.eta_label.setText(f"Preparing {len(st.genes)} genes at {st.scale}× …")
+        st.set_busy(True)
+        job = Job("train")
+        gen = train_job(job, st.sample, list(st.genes), st.scale, budget=self.budget,
+                        steps=self.steps_spin.value(), batch_size=self.batch_spin.value(),
+                        lr_size=self.patch_spin.value(), out_dir=out, resume=resume)
+        self.runner = JobRunner(self.viewer, job, gen, self._on_event, desc="napari-diffst: training Diff-ST",
+                                total=self.steps_spin.value(), on_done=self._on_done)
+        self._update_enabled()
+
+    def cancel(self):
+        if self.runner is not None and self.runner.running:
+            self.runner.cancel()
+            self.eta_label.setText("Cancelling after this step…")
+            self.cancel_btn.setEnabled(False)
+
+    def _on_event(self, d):
+        kind = d["kind"]
+        if kind == "prepare":
+            self.eta_label.setText(d["message"])
+        elif kind == "ready":
+            self.fields = d["fields"]
+            self.state.set_train_fields(d["fields"])
+            self.total = d["total"]
+            if d["total"] != self.steps_spin.value():  # resumed run with another total
+                self.plot.set_total(d["total"])
+            self.runner.set_progress(d["step0"], total=d["total"])
+            self.eta_label.setText(f"Training on {d['device']}: batch {d['batch_size']}, patch {d['lr_size']} LR px, "
+                                   f"{d['total']} steps → {d['out_dir']}")
+        elif kind == "event":
+            self._on_train_event(d["event"])
+        elif kind == "cancelled_early":
+            self.eta_label.setText("Cancelled before training started.")
+        elif kind == "error":
+            notify_error(d["message"])
+            self.eta_label.setText(d["message"])
+
+    def _on_train_event(self, ev):
+        self.last_event = ev
+        self.history.append(ev)
+        if ev.kind == "step":
+            self.plot.add(ev.step, ev.losses)
+            sps = f"{ev.steps_per_s:.2f} steps/s" if ev.steps_per_s else ""
+            loss = ev.losses.get("loss")
+            self.eta_label.setText(f"step {ev.step}/{ev.total_steps} · loss {loss:.4f} · {sps} · "
+                                   f"ETA {format_eta(ev.eta_s)}")
+            self.runner.set_progress(ev.step, desc=f"napari-diffst: training step {ev.step}/{ev.total_steps}")
+        elif ev.kind in ("done", "cancelled"):
+            self.plot.update_now()
+            ck = ev.checkpoint
+            if ck:
+                self.state.set_checkpoint(ck)
+            # the notification (a toast over the canvas, costly to draw) is shown once the worker has ended
+            if ev.kind == "done":
+                self.eta_label.setText(f"Finished {ev.step} steps in {format_eta(ev.elapsed_s)}. "
+                                       f"Checkpoint: {ck}")
+                self._notice = (notify_info, f"Training finished: checkpoint {ck}")
+            else:
+                self.eta_label.setText(f"Cancelled at step {ev.step}; checkpoint kept: {ck}")
+                self._notice = (notify_warning, f"Training cancelled at step {ev.step}. The checkpoint {ck} is "
+                                                "kept: resume from it or use it in section 5.")
+        elif ev.kind == "error":
+            where = f" The last checkpoint is {ev.checkpoint}." if ev.checkpoint else ""
+            from .workers import friendly_error
+
+            msg = friendly_error(ev.error, "training") if ev.error is not None else ev.message
+            notify_error(msg + where)
+            self.eta_label.setText(msg + where)
+
+    def _on_done(self):
+        self.state.set_busy(False)
+        self._update_enabled()
+        notice, self._notice = self._notice, None
+        if notice is not None:
+            notice[0](notice[1])
