@@ -151,3 +151,22 @@ def test_demo_headless_prints_equivalent(capsys):
     assert cli_main(["demo", "--headless"]) == 0
     out = capsys.readouterr().out
     assert "napari-diffst train" in out and "napari-diffst sample" in out
+
+
+def test_cli_native_sampling_on_her2st_uses_the_checkpoint_he_per_hr(her2st_dir, tmp_path):
+    """Trained on 200 µm block pairs, applied natively at 100 µm HR pixels: the field must be sampled with
+    the network's H&E pixels per HR pixel, not the default for the new pixel size."""
+    ck = tmp_path / "run"
+    assert cli_main(["train", "--data", str(her2st_dir / "C2"), "--scale", "2", "--genes", "ERBB2,KRT19",
+                     "--budget", "tiny", "--steps", "1", "--batch-size", "1", "--lr-size", "2",
+                     "--out", str(ck)]) == 0
+    cfg = json.loads((ck / "resolved_config.json").read_text())
+    assert cfg["fields"][0]["mode"] == "degrade" and cfg["fields"][0]["hr_um"] == pytest.approx(200, rel=0.01)
+    out = tmp_path / "native.zarr"
+    assert cli_main(["sample", "--checkpoint", str(ck), "--data", str(her2st_dir / "C2"), "--steps", "1",
+                     "--n-samples", "1", "--out", str(out)]) == 0
+    from napari_diffst.io.writers import read_maps
+
+    mf = read_maps(out)
+    assert mf.metadata["napari_diffst"]["mode"] == "native"
+    assert mf.um_per_px == pytest.approx(100, rel=0.01)   # pitch 200 µm / s

@@ -71,11 +71,12 @@ def cmd_train(args) -> int:
     return 0 if last is None or last.kind != "error" else 1
 
 
-def _field_for(sample, genes, scale, gene_scale, mode):
+def _field_for(sample, genes, scale, gene_scale, mode, he_per_hr=None):
+    """The field a checkpoint is applied to; ``he_per_hr`` must be the network's (H&E px per HR px)."""
     from . import pipeline as P
 
     m = mode if mode != "auto" else ("truth" if sample.hr_truth else "native")
-    fields, _ = P.make_fields([sample], genes, scale, mode=m, gene_scale=np.asarray(gene_scale))
+    fields, _ = P.make_fields([sample], genes, scale, mode=m, gene_scale=gene_scale, he_per_hr=he_per_hr)
     return fields[0], m
 
 
@@ -98,7 +99,7 @@ def cmd_sample(args) -> int:
 
     model, meta, genes, scale, gene_scale = _load_ckpt(args.checkpoint, args.device)
     sample = P.load_data(args.data, seed=args.seed_data)
-    field, mode = _field_for(sample, genes, scale, gene_scale, args.mode)
+    field, mode = _field_for(sample, genes, scale, gene_scale, args.mode, he_per_hr=model.config["he_per_hr"])
     print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× "
           f"(HR {field.hr_um:.4g} µm) with {args.steps} steps × {args.n_samples} samples", file=sys.stderr)
     t0 = time.time()
@@ -145,7 +146,7 @@ def cmd_evaluate(args) -> int:
     if mode == "native":
         raise DataFormatError(args.pred, "maps were made at native resolution, where no HR truth exists",
                               "evaluate maps made with --mode truth or degrade")
-    field, _ = _field_for(sample, mf.genes, scale, gene_scale if gene_scale.size else None, mode)
+    field, _ = _field_for(sample, mf.genes, scale, gene_scale if gene_scale.size else None, mode, he_per_hr=1)
     pred = np.asarray(mf.maps, np.float32) / np.asarray(field.gene_scale, np.float32)[:, None, None]
     if pred.shape != field.hr.shape:
         raise DataFormatError(args.pred, f"maps have shape {pred.shape}, the HR truth {field.hr.shape}",
