@@ -25,6 +25,14 @@ def warm_imports(names=WARM_IMPORTS) -> list[str]:
             importlib.import_module(n)
         except Exception:  # noqa: BLE001 - optional speed-up only
             failed.append(n)
+    try:  # the first network built in a process holds the GIL ~0.1 s (torch init paths): do it here, off
+        # the main thread, before a train/sample worker would do it while the user watches the canvas
+        from ..model import build_model
+        from ..pipeline import MODEL_PRESETS
+
+        build_model({**MODEL_PRESETS["tiny"], "n_genes": 1, "he_per_hr": 4}, load_weights=False)
+    except Exception:  # noqa: BLE001 - optional speed-up only
+        failed.append("build_model warm-up")
     return failed
 
 
