@@ -28,7 +28,8 @@ class DataSection(Section):
         h.setContentsMargins(0, 0, 0, 0)
         self.open_btn = QPushButton("Open files…")
         self.open_dir_btn = QPushButton("Open folder…")
-        self.synth_btn = QPushButton("Synthetic sample")
+        self.synth_btn = QPushButton("Synthetic")
+        self.synth_btn.setToolTip("Open the seeded synthetic H&E + ST sample (File › Open Sample)")
         for b in (self.open_btn, self.open_dir_btn, self.synth_btn):
             h.addWidget(b)
         self.add_row(None, row)
