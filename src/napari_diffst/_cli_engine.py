@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataFormatError, DiffSTError
+from .errors import DataFormatError
 
 
 def _bar(total, desc):

@@ -1,7 +1,7 @@
 """Small Qt helpers shared by the dock sections."""
 from __future__ import annotations
 
-from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QLabel, QSizePolicy, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 
 class Section(QGroupBox):
@@ -63,3 +63,13 @@ def notify_warning(msg: str) -> None:
     from napari.utils.notifications import show_warning
 
     show_warning(msg)
+
+
+def row(*widgets, stretch=None) -> QWidget:
+    """Widgets side by side in one form row (``stretch``: index of the one that takes the extra width)."""
+    w = QWidget()
+    h = QHBoxLayout(w)
+    h.setContentsMargins(0, 0, 0, 0)
+    for i, x in enumerate(widgets):
+        h.addWidget(x, 1 if i == stretch else 0)
+    return w

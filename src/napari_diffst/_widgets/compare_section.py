@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QHBoxLayout, QHeaderView, QListWidget,
-                            QListWidgetItem, QPushButton, QTableWidget, QTableWidgetItem, QWidget)
+from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QHeaderView, QListWidget,
+                            QListWidgetItem, QPushButton, QTableWidget, QTableWidgetItem)
 
 from . import settings
-from ._common import Section, narrow_combo, info_label, notify_error, notify_info, notify_warning
+from ._common import Section, narrow_combo, info_label, notify_error, notify_info, notify_warning, row as _row
 from .sample_section import LayerQueue, gene_colormap
 from .workers import (METRIC_COLUMNS, Job, JobRunner, compare_job, contrast_limits, masked_expression,
                       grid_shape, metrics_csv, metrics_rows, raster_layer_kwargs)
@@ -34,14 +34,6 @@ BASELINE_TEXT = {
 FORMATS = (("ome-zarr", "OME-Zarr (.ome.zarr)", ".ome.zarr"), ("tiff", "OME-TIFF (.ome.tif)", ".ome.tif"),
            ("h5ad", "AnnData (.h5ad)", ".h5ad"))
 
-
-def _row(*widgets, stretch=None):
-    w = QWidget()
-    h = QHBoxLayout(w)
-    h.setContentsMargins(0, 0, 0, 0)
-    for i, x in enumerate(widgets):
-        h.addWidget(x, 1 if i == stretch else 0)
-    return w
 
 
 def _grid(viewer):

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QImage, QPixmap
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton, QSpinBox,
-                            QToolButton, QWidget)
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QLabel, QLineEdit, QPushButton, QSpinBox,
+                            QToolButton)
 
 from . import settings
-from ._common import Section, info_label, notify_error, notify_info, notify_warning
+from ._common import Section, info_label, notify_error, notify_info, notify_warning, row as _row
 from .workers import (GENE_COLORMAPS, Job, JobRunner, contrast_limits, masked_expression, raster_layer_kwargs,
                       sample_job)
 
@@ -38,14 +38,6 @@ def colormap_image(a: np.ndarray, cmap: str, clim) -> np.ndarray:
     rgba[..., 3] = np.where(np.isfinite(a), 1.0, 0.0)
     return np.ascontiguousarray((rgba * 255).astype(np.uint8))
 
-
-def _row(*widgets, stretch=None):
-    w = QWidget()
-    h = QHBoxLayout(w)
-    h.setContentsMargins(0, 0, 0, 0)
-    for i, x in enumerate(widgets):
-        h.addWidget(x, 1 if i == stretch else 0)
-    return w
 
 
 def gene_colormap(genes, gene) -> str:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime as _dt
 from pathlib import Path
 
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton,
-                            QSpinBox, QToolButton, QWidget)
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QLabel, QLineEdit, QPushButton,
+                            QSpinBox, QToolButton)
 
 from . import settings
-from ._common import Section, info_label, notify_error, notify_info, notify_warning
+from ._common import Section, info_label, notify_error, notify_info, notify_warning, row as _row
 from .plots import LossPlot
 from .workers import Job, JobRunner, format_eta, train_job
 
@@ -25,14 +25,6 @@ CUDA_MISSING_TIP = ("CUDA is not available (no NVIDIA GPU, or a CPU-only PyTorch
                     "CPU and is slow. Use the 'tiny'/'quick' budget here, or train on a GPU machine with "
                     "`napari-diffst train` and load the checkpoint in section 5.")
 
-
-def _row(*widgets, stretch=None):
-    w = QWidget()
-    h = QHBoxLayout(w)
-    h.setContentsMargins(0, 0, 0, 0)
-    for i, x in enumerate(widgets):
-        h.addWidget(x, 1 if i == stretch else 0)
-    return w
 
 
 def device_text() -> tuple[str, str, str]:
