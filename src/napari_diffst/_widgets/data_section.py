@@ -101,8 +101,11 @@ class DataSection(Section):
         except Exception as exc:  # reader errors carry the file, problem and expected form
             notify_error(exc)
             return
+        self._select_newest_spots()
+
+    def _select_newest_spots(self):
+        """Refresh the layer lists and choose the most recently added spots layer."""
         self._refresh()
-        # select the freshly added spots layer
         for ly in reversed(list(self.viewer.layers)):
             if ly.metadata.get("diffst_role") == "spots":
                 self.st_combo.setCurrentText(ly.name)
@@ -125,8 +128,4 @@ class DataSection(Section):
         except Exception as exc:
             notify_error(exc)
             return
-        self._refresh()
-        for ly in reversed(list(self.viewer.layers)):
-            if ly.metadata.get("diffst_role") == "spots":
-                self.st_combo.setCurrentText(ly.name)
-                break
+        self._select_newest_spots()

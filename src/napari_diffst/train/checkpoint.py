@@ -17,13 +17,13 @@ import importlib
 import json
 import os
 import random
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import DataFormatError, DiffSTError
+from ..io.writers import atomic_path
 from .config import atomic_write_text
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state",
@@ -138,17 +138,10 @@ def save_checkpoint(directory, *, model, ema_model=None, optimizer=None, step: i
         "rng": rng_state,
     }
     target = directory / CHECKPOINT_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_NAME}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    with atomic_path(target) as tmp:  # temp sibling + rename; the old checkpoint survives a failed save
         torch.save(state, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
     summary = {k: state[k] for k in ("format", "format_version", "package_version", "saved_at", "step",
                                      "model_config", "train_config", "diffusion", "genes", "gene_scale",
                                      "provenance")}
