@@ -23,6 +23,11 @@ U-Net input instead (no CAM modules); ``use_cigc=False`` -> no gene graph, ``x_t
 channels; ``use_hier=False`` -> tissue-level histology features only. All three off is a plain
 conditional diffusion U-Net (histology concatenated at the input).
 
+Engine options (all off by default; docs/model.md "Engine options"): ``distill`` (semantic distillation
+head), ``use_align`` (learned deformable alignment of the histology features, :mod:`.align`),
+``hist_features`` (pluggable tissue-level feature extractor, :mod:`.features`), ``gene_chunk`` (genes
+processed in chunks that share one histology encoding, for panels of hundreds of genes).
+
 ``predict`` in {'eps', 'x0', 'v'} is stored in the config for the diffusion code. With
 ``predict='x0'`` and ``residual_lr=True`` the network output is added to ``lr_up`` so it only
 has to learn the high-frequency detail: ``x0_hat = lr_up + net(...)``.
@@ -39,6 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataFormatError, DiffSTError
+from .align import SpatialAlign, smoothness_loss
+from .features import make_feature_extractor, parse_feature_spec
 from .gene_graph import GeneGraph
 from .histology import HistologyEncoder
 from .layers import Downsample, ResBlock, SelfAttention2d, TimeEmbedding, Upsample, norm
@@ -79,6 +86,22 @@ DEFAULT_CONFIG: dict = {
                                # cond['x0_target'])
     "distill_weight": 1.0,     # suggested weight of aux['distill']
     "distill_hidden": 32,
+    # pluggable tissue-level histology features (features.py): "learned" | "handcrafted" | "file:PATH"
+    # (TorchScript, frozen) | "timm:ARCH:PATH" (needs timm)
+    "hist_features": "learned",
+    "hist_features_norm": "imagenet",  # input normalisation of file models: 'imagenet' | 'none'
+    "hist_features_patch": None,  # H&E px per patch for models returning one vector per input (None: cell patch)
+    "hist_features_input": None,  # resize those patches to this many px (e.g. 224); None: no resize
+    "hist_features_dim": None,    # expected channels of the extractor (checked; filled in at build)
+    # spatial alignment (align.py): learned per-pixel offsets applied to the histology features
+    "use_align": False,
+    "align_weight": 0.1,       # suggested weight of aux['align_smooth'] (offset smoothness)
+    "align_hidden": 32,
+    "align_max_offset": 2.0,   # |offset| <= this many HR pixels (tanh-bounded)
+    # many-gene panels: the U-Net runs on chunks of this many genes (0 = all genes at once); every chunk shares
+    # the tile's histology encoding, CIGC and distillation; a learned chunk embedding joins the time embedding
+    "gene_chunk": 0,
+    "gene_chunk_train": 0,     # chunks per training step (drawn by the trainer; 0 = all chunks)
     "diffusion": None,         # optional dict, carried untouched for the diffusion code (its 'target'
                                # must equal 'predict' when both are given)
 }
@@ -117,11 +140,24 @@ def _resolve(config: dict) -> dict:
     if cfg["cigc_alpha"] != "learnable":
         cfg["cigc_alpha"] = float(cfg["cigc_alpha"])
     cfg["distill_hidden"] = int(cfg["distill_hidden"])
-    for key in ("use_cam", "use_cigc", "use_hier", "hier_posenc", "residual_lr", "distill"):
+    for key in ("use_cam", "use_cigc", "use_hier", "hier_posenc", "residual_lr", "distill", "use_align"):
         cfg[key] = bool(cfg[key])
     for key in ("dropout", "gamma_start", "gamma_end", "dis_lambda", "dis_margin", "disentangle_weight",
-                "distill_weight"):
+                "distill_weight", "align_weight", "align_max_offset"):
         cfg[key] = float(cfg[key])
+    for key in ("align_hidden", "gene_chunk", "gene_chunk_train"):
+        cfg[key] = int(cfg[key])
+        if cfg[key] < (1 if key == "align_hidden" else 0):
+            raise DiffSTError(f"model config {key!r} must be >= {1 if key == 'align_hidden' else 0}, got {cfg[key]}")
+    parse_feature_spec(cfg["hist_features"])  # known name, argument where needed
+    if cfg["hist_features_norm"] not in ("imagenet", "none"):
+        raise DiffSTError(f"model config 'hist_features_norm' must be 'imagenet' or 'none', "
+                          f"got {cfg['hist_features_norm']!r}")
+    for key in ("hist_features_patch", "hist_features_input", "hist_features_dim"):
+        if cfg[key] is not None:
+            cfg[key] = int(cfg[key])
+            if cfg[key] < 1:
+                raise DiffSTError(f"model config {key!r} must be None or >= 1, got {cfg[key]}")
     diff = cfg["diffusion"]
     if diff is not None:
         if not isinstance(diff, dict):
@@ -144,19 +180,31 @@ class DiffSTDenoiser(nn.Module):
         self.config = cfg
         G, base, ch_h = cfg["n_genes"], cfg["base_channels"], cfg["hist_channels"]
         emb = 4 * base
+        extractor = make_feature_extractor(cfg["hist_features"], cfg)
+        if extractor is not None:
+            if cfg["hist_features_dim"] is not None and cfg["hist_features_dim"] != extractor.out_channels:
+                raise DataFormatError(None, f"hist_features {cfg['hist_features']!r} gives {extractor.out_channels} "
+                                      "channels", f"{cfg['hist_features_dim']} channels (hist_features_dim)")
+            cfg["hist_features_dim"] = int(extractor.out_channels)
         self.histology = HistologyEncoder(
             cfg["he_per_hr"], ch_h, hier=cfg["use_hier"], cell_patch_px=cfg["cell_patch_px"],
             entropy_bins=cfg["entropy_bins"], gamma_start=cfg["gamma_start"], gamma_end=cfg["gamma_end"],
-            heads=cfg["attn_heads"], posenc=cfg["hier_posenc"], context_blocks=cfg["hist_context_blocks"])
+            heads=cfg["attn_heads"], posenc=cfg["hier_posenc"], context_blocks=cfg["hist_context_blocks"],
+            extractor=extractor)
         self.time_embed = TimeEmbedding(base, emb)
         self.gene_graph = GeneGraph(G, cfg["cigc_dim"], cfg["cigc_alpha"]) if cfg["use_cigc"] else None
-        cin = G + G + 1 + (G * cfg["cigc_dim"] if cfg["use_cigc"] else 0) + (0 if cfg["use_cam"] else ch_h)
+        # genes per U-Net pass: all G, or a chunk of ``gene_chunk`` genes (the last chunk zero-padded)
+        c = cfg["gene_chunk"] if 0 < cfg["gene_chunk"] < G else 0
+        self.chunk = c
+        self.n_chunks = -(-G // c) if c else 1
+        gu = c or G
+        cin = gu + gu + 1 + (gu * cfg["cigc_dim"] if cfg["use_cigc"] else 0) + (0 if cfg["use_cam"] else ch_h)
         self.distill = None
         if cfg["distill"]:
             hd = cfg["distill_hidden"]
             self.distill = nn.Sequential(nn.Conv2d(ch_h + G + 1, hd, 3, padding=1), nn.SiLU(),
                                          nn.Conv2d(hd, hd, 3, padding=1), nn.SiLU(), nn.Conv2d(hd, G, 1))
-            cin += G
+            cin += gu
         self.in_conv = nn.Conv2d(cin, base, 3, padding=1)
 
         chans = [base * m for m in cfg["channel_mults"]]
@@ -187,7 +235,15 @@ class DiffSTDenoiser(nn.Module):
             self.dec.append(blocks)
             self.up.append(Upsample(ch) if i > 0 else nn.Identity())
         self.out_norm = norm(prev)
-        self.out_conv = nn.Conv2d(prev, G, 3, padding=1)
+        self.out_conv = nn.Conv2d(prev, gu, 3, padding=1)
+        # options created last, so the default network draws the same initial weights as before
+        self.align = SpatialAlign(ch_h, G, cfg["align_hidden"], cfg["align_max_offset"]) if cfg["use_align"] else None
+        self.chunk_embed = None
+        if self.chunk:
+            self.chunk_embed = nn.Embedding(self.n_chunks, emb)
+            nn.init.normal_(self.chunk_embed.weight, std=0.1)
+        #: chunks stacked into one batch per U-Net pass (1 = one chunk at a time: least memory); runtime only
+        self.chunk_parallel = 1
         self._hist_cache = None
         if load_weights and cfg["encoder_weights"]:
             self.load_encoder_weights(cfg["encoder_weights"])
@@ -204,7 +260,38 @@ class DiffSTDenoiser(nn.Module):
         w = {"disentangle": self.config["disentangle_weight"]}
         if self.config.get("distill"):
             w["distill"] = self.config["distill_weight"]
+        if self.config.get("use_align"):
+            w["align_smooth"] = self.config["align_weight"]
         return w
+
+    # ---- gene chunks ----------------------------------------------------------------------------
+    def chunk_genes(self, j: int) -> range:
+        """Gene indices of chunk ``j`` (the last chunk may be shorter than ``gene_chunk``)."""
+        G = self.config["n_genes"]
+        if not self.chunk:
+            return range(G)
+        return range(j * self.chunk, min(G, (j + 1) * self.chunk))
+
+    def sample_train_chunks(self, generator: torch.Generator | None = None, device=None) -> torch.Tensor | None:
+        """The chunks to train on this step (``gene_chunk_train`` of them, sorted; same for the whole batch), or
+        None for all genes. The trainer passes them as ``cond['gene_chunks']`` and restricts the loss to
+        :meth:`gene_mask`."""
+        n = self.config["gene_chunk_train"]
+        if not self.chunk or n <= 0 or n >= self.n_chunks:
+            return None
+        dev = device if device is not None else (generator.device if generator is not None else "cpu")
+        return torch.randperm(self.n_chunks, generator=generator, device=dev)[:n].sort().values
+
+    def gene_mask(self, chunks: torch.Tensor | None, device=None) -> torch.Tensor:
+        """(1, G, 1, 1) float: 1 for the genes of ``chunks`` (all genes when None)."""
+        G = self.config["n_genes"]
+        m = torch.zeros(1, G, 1, 1, device=device)
+        if chunks is None:
+            return m + 1
+        for j in chunks.tolist():
+            r = self.chunk_genes(int(j))
+            m[:, r.start:r.stop] = 1
+        return m
 
     def set_progress(self, frac: float) -> None:
         """Training progress in [0, 1]; drives the entropy curriculum of the histology encoder."""
@@ -301,7 +388,49 @@ class DiffSTDenoiser(nn.Module):
             t = t.expand(B)
         if t.shape != (B,):
             raise DataFormatError(None, f"t has shape {tuple(t.shape)}", f"({B},) integer timesteps")
+        ch = cond.get("gene_chunks")
+        if ch is not None:
+            ch = torch.as_tensor(ch).reshape(-1)
+            if not self.chunk or ch.numel() == 0 or int(ch.min()) < 0 or int(ch.max()) >= self.n_chunks:
+                raise DataFormatError(None, f"cond['gene_chunks'] = {ch.tolist()}",
+                                      f"chunk indices in [0, {self.n_chunks}) of a model with gene_chunk > 0")
         return t
+
+    def _unet(self, h: torch.Tensor, emb: torch.Tensor, hist_levels, mask_levels):
+        """U-Net body from the in_conv input to the out_conv output; returns (out, [CAM losses])."""
+        h = self.in_conv(h)
+        skips, losses = [], []
+        for i, blocks in enumerate(self.enc):
+            for blk in blocks:
+                h = blk(h, emb)
+            if self.cam is not None:
+                h, loss = self.cam[i](h, hist_levels[i], mask_levels[i])
+                losses.append(loss)
+            skips.append(h)
+            h = self.down[i](h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for blocks, up in zip(self.dec, self.up):
+            h = torch.cat([h, skips.pop()], dim=1)
+            for blk in blocks:
+                h = blk(h, emb)
+            h = up(h)
+        return self.out_conv(F.silu(self.out_norm(h))), losses
+
+    def _cigc_rows(self, x_in: torch.Tensor, genes: list[int]) -> torch.Tensor:
+        """CIGC features (B, len(genes), D, H, W) of ``genes``; the node features of the other genes enter the
+        graph convolution without gradients (they are not trained this step), which bounds training memory."""
+        gg = self.gene_graph
+        G = x_in.shape[1]
+        sel = torch.as_tensor(genes, device=x_in.device, dtype=torch.long)
+        if len(genes) == G or not torch.is_grad_enabled():
+            return gg.mix(gg.node_features(x_in), None if len(genes) == G else sel)
+        rest = torch.as_tensor(sorted(set(range(G)) - set(genes)), device=x_in.device, dtype=torch.long)
+        f_sel = gg.node_features(x_in[:, sel], sel)
+        with torch.no_grad():
+            f_rest = gg.node_features(x_in[:, rest], rest)
+        f = f_sel.new_zeros((x_in.shape[0], G) + tuple(f_sel.shape[2:]))
+        f = f.index_copy(1, rest, f_rest).index_copy(1, sel, f_sel)
+        return gg.mix(f, sel)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict):
         cfg = self.config
@@ -326,18 +455,16 @@ class DiffSTDenoiser(nn.Module):
         Hp, Wp = H + ph, W + pw
 
         hist = self._histology_cached(he_orig, he, (Hp, Wp))
-        emb = self.time_embed(t)
-        parts = [x_in]
-        if self.gene_graph is not None:
-            parts.append(self.gene_graph(x_in).reshape(B, -1, Hp, Wp))
-        parts += [lr_up_p, lr_mask]
-        if self.cam is None:
-            parts.append(hist)
         aux = {}
+        if self.align is not None:
+            # deformable alignment of the histology features to the LR expression (identity at init)
+            hist, offsets = self.align(hist, lr_up_p, lr_mask)
+            aux["align_smooth"] = smoothness_loss(offsets)
+        emb = self.time_embed(t)
+        detail = None
         if self.distill is not None:
             # semantic distillation (HaDM-ST): expression detail predicted from histology + LR alone
             detail = self.distill(torch.cat([hist, lr_up_p, lr_mask], dim=1))
-            parts.append(detail)
             x0_target = cond.get("x0_target")
             if x0_target is not None:
                 err = (detail[:, :, :H, :W] - (x0_target.to(x_t.dtype) - lr_up)) ** 2
@@ -349,34 +476,89 @@ class DiffSTDenoiser(nn.Module):
                     aux["distill"] = err.mean()
             else:
                 aux["distill"] = x_t.new_zeros(())
-        h = self.in_conv(torch.cat(parts, dim=1))
-
-        skips, losses = [], []
-        for i, blocks in enumerate(self.enc):
-            for blk in blocks:
-                h = blk(h, emb)
-            if self.cam is not None:
+        hist_levels, mask_levels = [], []
+        if self.cam is not None:
+            for i in range(len(self.enc)):
                 f = 2 ** i
-                hist_i = F.avg_pool2d(hist, f) if f > 1 else hist
-                mask_i = None
-                if hr_mask is not None:
-                    mask_i = F.avg_pool2d(hr_mask.to(h.dtype), f) if f > 1 else hr_mask.to(h.dtype)
-                h, loss = self.cam[i](h, hist_i, mask_i)
-                losses.append(loss)
-            skips.append(h)
-            h = self.down[i](h)
-        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
-        for blocks, up in zip(self.dec, self.up):
-            h = torch.cat([h, skips.pop()], dim=1)
-            for blk in blocks:
-                h = blk(h, emb)
-            h = up(h)
-        out = self.out_conv(F.silu(self.out_norm(h)))[:, :, :H, :W]
+                hist_levels.append(F.avg_pool2d(hist, f) if f > 1 else hist)
+                mask_levels.append(None if hr_mask is None else
+                                   (F.avg_pool2d(hr_mask.to(x_t.dtype), f) if f > 1 else hr_mask.to(x_t.dtype)))
+
+        if not self.chunk:
+            parts = [x_in]
+            if self.gene_graph is not None:
+                parts.append(self.gene_graph(x_in).reshape(B, -1, Hp, Wp))
+            parts += [lr_up_p, lr_mask]
+            if self.cam is None:
+                parts.append(hist)
+            if detail is not None:
+                parts.append(detail)
+            net, losses = self._unet(torch.cat(parts, dim=1), emb, hist_levels, mask_levels)
+            out = net[:, :, :H, :W]
+        else:
+            out, losses = self._forward_chunks(x_in, lr_up_p, lr_mask, hist, detail, emb, hist_levels, mask_levels,
+                                               cond.get("gene_chunks"))
+            out = out[:, :, :H, :W]
         if cfg["residual_lr"]:
             out = out + lr_up
         dis = torch.stack(losses).mean() if losses else x_t.new_zeros(())
         aux["disentangle"] = dis
         return out, aux
+
+    def _forward_chunks(self, x_in, lr_up, lr_mask, hist, detail, emb, hist_levels, mask_levels, chunks):
+        """The U-Net on gene chunks; every chunk reuses the tile's histology features, CIGC graph and distillation
+        output. ``chunks`` (None = all) selects which chunks are computed; the other genes' outputs are 0
+        (before the residual LR is added). ``chunk_parallel`` chunks are stacked into one batch per pass."""
+        B, G, Hp, Wp = x_in.shape
+        c = self.chunk
+        ids = list(range(self.n_chunks)) if chunks is None else [int(j) for j in torch.as_tensor(chunks).reshape(-1)]
+        genes = [g for j in ids for g in self.chunk_genes(j)]
+        cig = None
+        if self.gene_graph is not None:
+            rows = self._cigc_rows(x_in, genes)                         # (B, len(genes), D, Hp, Wp)
+            cig = dict(zip(genes, rows.unbind(1)))
+        zero = x_in.new_zeros(B, 1, Hp, Wp)
+
+        def chunk_input(j):
+            r = self.chunk_genes(j)
+            padn = c - len(r)
+
+            def take(v):
+                s = v[:, r.start:r.stop]
+                return torch.cat([s, zero.expand(B, padn, Hp, Wp)], 1) if padn else s
+
+            parts = [take(x_in)]
+            if cig is not None:
+                d = torch.stack([cig[g] for g in r], 1).reshape(B, -1, Hp, Wp)
+                if padn:
+                    d = torch.cat([d, zero.expand(B, padn * self.config["cigc_dim"], Hp, Wp)], 1)
+                parts.append(d)
+            parts += [take(lr_up), lr_mask]
+            if self.cam is None:
+                parts.append(hist)
+            if detail is not None:
+                parts.append(take(detail))
+            return torch.cat(parts, 1)
+
+        outs = {}
+        losses = []
+        step = max(1, int(self.chunk_parallel))
+        for s in range(0, len(ids), step):
+            group = ids[s:s + step]
+            n = len(group)
+            h = torch.cat([chunk_input(j) for j in group], 0)
+            e = torch.cat([emb + self.chunk_embed.weight[j].to(emb.dtype) for j in group], 0)
+            hl = [v.repeat(n, 1, 1, 1) for v in hist_levels] if n > 1 else hist_levels
+            ml = [None if v is None else v.repeat(n, 1, 1, 1) for v in mask_levels] if n > 1 else mask_levels
+            net, ls = self._unet(h, e, hl, ml)
+            losses += ls
+            for i, j in enumerate(group):
+                outs[j] = net[i * B:(i + 1) * B]
+        full = []
+        for j in range(self.n_chunks):
+            r = self.chunk_genes(j)
+            full.append(outs[j][:, :len(r)] if j in outs else x_in.new_zeros(B, len(r), Hp, Wp))
+        return torch.cat(full, 1), losses
 
 
 def build_model(config: dict | None = None, load_weights: bool = True) -> DiffSTDenoiser:

@@ -102,12 +102,22 @@ class GeneGraph(nn.Module):
         self.coexpr.copy_(a)
         self.adj.copy_(normalized_adjacency(a))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, G, H, W = x.shape
-        f = self.node_enc(x.reshape(B * G, 1, H, W)).reshape(B, G, self.dim, H, W)
-        f = f + self.gene_emb[None, :, :, None, None].to(f.dtype)
-        af = torch.einsum("ij,bjdhw->bidhw", self.adj.to(f.dtype), f)       # Â F
+    def node_features(self, x: torch.Tensor, genes: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, n, H, W) maps of the genes ``genes`` (default: all G in order) -> node features (B, n, D, H, W)."""
+        B, n, H, W = x.shape
+        f = self.node_enc(x.reshape(B * n, 1, H, W)).reshape(B, n, self.dim, H, W)
+        emb = self.gene_emb if genes is None else self.gene_emb[genes]
+        return f + emb[None, :, :, None, None].to(f.dtype)
+
+    def mix(self, f: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Graph convolution of node features (B, G, D, H, W): ``α δ(Â F W_g) + (1 − α) F`` for the genes
+        ``rows`` (default all) -> (B, len(rows), D, H, W). Every row still sees all G genes through Â."""
+        adj = self.adj if rows is None else self.adj[rows]
+        af = torch.einsum("ij,bjdhw->bidhw", adj.to(f.dtype), f)            # Â F (selected rows)
         gcn = F.silu(torch.einsum("bidhw,ed->biehw", af, self.w_g.weight)
                      + self.w_g.bias[None, None, :, None, None])            # δ(Â F W_g)
         a = self.alpha
-        return a * gcn + (1 - a) * f
+        return a * gcn + (1 - a) * (f if rows is None else f[:, rows])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mix(self.node_features(x))

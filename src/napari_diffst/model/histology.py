@@ -188,11 +188,12 @@ class HistologyEncoder(nn.Module):
     """Hierarchical cell->tissue encoder: (B, 3, H*k, W*k) -> (B, C, H, W).
 
     ``hier=False`` keeps only the tissue-level branch (no cell encoder, no cross-attention) — the
-    paper's "w/o hierarchical" ablation."""
+    paper's "w/o hierarchical" ablation. ``extractor`` (a :class:`~.features.FeatureExtractor`) replaces the
+    learned tissue-level conv stem by that extractor plus a trainable 1x1 projection (``hist_features``)."""
 
     def __init__(self, he_per_hr: int, channels: int = 64, hier: bool = True, cell_patch_px: int | None = None,
                  entropy_bins: int = 32, gamma_start: float = 0.0, gamma_end: float = 0.7, heads: int = 4,
-                 posenc: bool = True, context_blocks: int = 2):
+                 posenc: bool = True, context_blocks: int = 2, extractor: nn.Module | None = None):
         super().__init__()
         self.he_per_hr = int(he_per_hr)
         self.hier = bool(hier)
@@ -200,7 +201,12 @@ class HistologyEncoder(nn.Module):
         self.entropy_bins = int(entropy_bins)
         self.gamma_start, self.gamma_end = float(gamma_start), float(gamma_end)
         self.progress = 0.0
-        self.tissue = TissueEncoder(he_per_hr, channels, context_blocks)
+        if extractor is None:
+            self.tissue = TissueEncoder(he_per_hr, channels, context_blocks)
+        else:  # a pluggable feature extractor (model config 'hist_features', see features.py)
+            from .features import ExtractorTissueEncoder
+
+            self.tissue = ExtractorTissueEncoder(extractor, channels, context_blocks)
         if self.hier:
             self.cell_encoder = CellEncoder(self.cell_patch_px, channels)
             self.cross_attn = CellTissueAttention(channels, heads, posenc)

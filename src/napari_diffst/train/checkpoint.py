@@ -3,7 +3,8 @@ human-readable ``config.json``; both written atomically (temporary file + ``os.r
 save never destroys the previous checkpoint.
 
 ``model.pt`` holds plain containers and tensors only (loadable with ``torch.load(weights_only=True)``):
-model / EMA / optimizer state dicts, the step, the training, model and diffusion configs, the gene list,
+model / EMA / optimizer state dicts (and the adversarial discriminator and its optimizer when
+``adv_weight`` > 0), the step, the training, model and diffusion configs, the gene list,
 the normalisation (``gene_scale``: model units × gene_scale = log1p(CP10k)), data provenance, the package
 version and the RNG states (torch CPU / CUDA, the trainer's torch generator, numpy ``Generator`` bit-generator
 state, python ``random``).
@@ -111,8 +112,11 @@ def _jsonable(obj):
 def save_checkpoint(directory, *, model, ema_model=None, optimizer=None, step: int = 0,
                     train_config: dict | None = None, diffusion_config: dict | None = None,
                     genes=None, gene_scale=None, provenance: dict | None = None, rng_state: dict | None = None,
-                    extra: dict | None = None) -> Path:
-    """Write a checkpoint folder atomically and return the path of its ``model.pt``."""
+                    extra: dict | None = None, discriminator=None, disc_optimizer=None) -> Path:
+    """Write a checkpoint folder atomically and return the path of its ``model.pt``.
+
+    ``discriminator`` / ``disc_optimizer`` (adversarial training, ``TrainConfig.adv_weight``) are saved as
+    ``state['discriminator']`` and ``state['disc_optimizer']`` (None when absent)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     net = unwrap_model(model)
@@ -135,6 +139,9 @@ def save_checkpoint(directory, *, model, ema_model=None, optimizer=None, step: i
         "ema": {k: v.detach().cpu() for k, v in unwrap_model(ema_model).state_dict().items()}
         if ema_model is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "discriminator": {k: v.detach().cpu() for k, v in unwrap_model(discriminator).state_dict().items()}
+        if discriminator is not None else None,
+        "disc_optimizer": disc_optimizer.state_dict() if disc_optimizer is not None else None,
         "rng": rng_state,
     }
     target = directory / CHECKPOINT_NAME
@@ -215,6 +222,7 @@ def load_checkpoint(path, device="cpu", builder=None):
         if m is not None:
             m.to(device).eval()
             m.diffusion_config = state.get("diffusion")
-    meta = {k: v for k, v in state.items() if k not in ("model", "ema", "optimizer")}
+    meta = {k: v for k, v in state.items() if k not in ("model", "ema", "optimizer", "discriminator",
+                                                         "disc_optimizer")}
     meta["path"] = str(f.parent)
     return model, ema, meta

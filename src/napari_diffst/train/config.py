@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,10 @@ class TrainConfig:
     Data: ``batch_size`` per process, ``lr_size`` LR pixels per patch side, ``upsample`` of the LR condition
     ('nearest' | 'bilinear'), ``augment``, ``min_valid``. Runtime: ``seed``, ``device``, ``amp`` (bf16 autocast,
     CUDA only), ``log_every``, ``checkpoint_every``, ``out_dir``, ``time_limit_s``.
+    Adversarial (HaDM-ST channel-aware, :mod:`napari_diffst.model.adversarial`): ``adv_weight`` > 0 adds
+    ``adv_weight`` × the per-gene discriminator's generator loss to the diffusion loss and trains the
+    discriminator alternately (Adam, ``adv_lr`` — default ``lr`` —, betas ``adv_betas``, ``adv_hidden`` channels,
+    at most ``adv_max_genes`` gene maps per sample per step); 0 = off.
     ``model`` is handed to ``napari_diffst.model.build_model``; ``model_factory`` ('module:callable') and
     ``data`` (``{'source': 'module:callable', ...}``) are used by the command-line / torchrun entry.
     """
@@ -54,6 +59,12 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
+    # channel-aware adversarial learning (0 = off)
+    adv_weight: float = 0.0
+    adv_lr: float | None = None
+    adv_betas: list = field(default_factory=lambda: [0.5, 0.999])
+    adv_hidden: int = 32
+    adv_max_genes: int = 32
     # data
     lr_size: int = 8
     upsample: str = "nearest"
@@ -78,6 +89,7 @@ class TrainConfig:
 
     def __post_init__(self):
         self.adam_betas = [float(b) for b in self.adam_betas]
+        self.adv_betas = [float(b) for b in self.adv_betas]
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -99,6 +111,15 @@ class TrainConfig:
             problems.append(f"ema_decay={self.ema_decay!r} (expected 0 <= decay < 1)")
         if float(self.lr) <= 0:
             problems.append(f"lr={self.lr!r} (expected > 0)")
+        if not (isinstance(self.adv_weight, (int, float)) and not isinstance(self.adv_weight, bool)
+                and math.isfinite(self.adv_weight) and self.adv_weight >= 0):
+            problems.append(f"adv_weight={self.adv_weight!r} (expected a number >= 0; 0 = off)")
+        if self.adv_lr is not None and not (isinstance(self.adv_lr, (int, float)) and self.adv_lr > 0):
+            problems.append(f"adv_lr={self.adv_lr!r} (expected None or > 0)")
+        for name in ("adv_hidden", "adv_max_genes"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                problems.append(f"{name}={v!r} (expected a positive integer)")
         if problems:
             raise DataFormatError(path, "invalid training configuration: " + "; ".join(problems),
                                   "see napari_diffst.train.TrainConfig")

@@ -14,7 +14,13 @@ Batches come from ``batch_fn(step, rng) -> dict`` (``rng`` the trainer's numpy G
 numpy arrays are accepted.
 
 Per step: ``t ~ U{0..T−1}`` and ε ~ N(0, I) from the trainer's torch generator, masked loss
-(:meth:`GaussianDiffusion.training_losses`), AdamW, gradient clipping, EMA update. Cancelling
+(:meth:`GaussianDiffusion.training_losses`), AdamW, gradient clipping, EMA update.
+
+Engine options handled here: a network with gene chunks (``model.sample_train_chunks``, model config
+``gene_chunk_train``) is trained on a random subset of its gene chunks per step, the loss restricted to those
+genes (``model.gene_mask``); ``TrainConfig.adv_weight`` > 0 adds the channel-aware adversarial term and steps a
+per-gene discriminator (:mod:`napari_diffst.model.adversarial`) after every generator step (its weights and
+optimizer are saved in checkpoints and restored on resume). Cancelling
 (:meth:`Trainer.cancel` or ``should_stop()``) is checked between steps; the current state is then saved
 (``checkpoint_on_cancel``) — checkpoints are written atomically, so the previous one stays valid in any case.
 Closing the generator (``gen.close()`` / ``break``) abandons the run without saving.
@@ -243,9 +249,33 @@ class Trainer:
             p.requires_grad_(False)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.adam_betas),
                                            weight_decay=cfg.weight_decay)
+        self.discriminator = self.disc_net = self.disc_optimizer = None
+        if cfg.adv_weight and cfg.adv_weight > 0:
+            self._build_discriminator(mcfg)
         self.step = 0
         self.last_checkpoint: Path | None = None
         self._checked_batch = False
+
+    def _build_discriminator(self, mcfg) -> None:
+        from ..model.adversarial import GeneDiscriminator
+
+        cfg = self.config
+        n_genes = (mcfg or {}).get("n_genes") if isinstance(mcfg, dict) else None
+        n_genes = n_genes or (len(self.genes) if self.genes else None)
+        if not n_genes:
+            raise DiffSTError("adv_weight > 0 needs the number of genes: a network with config['n_genes'] or "
+                              "Trainer(genes=[...])")
+        torch.manual_seed(_seed_int(cfg.seed, self.rank, 4))
+        self.discriminator = GeneDiscriminator(int(n_genes), cfg.adv_hidden).to(self.device)
+        torch.manual_seed(_seed_int(cfg.seed, self.rank, 2))  # the global stream as without the discriminator
+        self.disc_net = self.discriminator
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.disc_net = DDP(self.discriminator, device_ids=ids, output_device=ids[0] if ids else None)
+        self.disc_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=cfg.adv_lr or cfg.lr,
+                                               betas=tuple(cfg.adv_betas))
 
     # ------------------------------------------------------------------ control
     def cancel(self) -> None:
@@ -305,8 +335,28 @@ class Trainer:
             for e, s in zip(self.ema.buffers(), self.model.buffers()):
                 e.copy_(s)
 
+    def _adv_inputs(self, x: torch.Tensor, lr_up: torch.Tensor, mask, genes: torch.Tensor):
+        from ..model.adversarial import gene_maps
+
+        B, n = x.shape[0], genes.numel()
+        m = mask.repeat_interleave(n, 0) if mask is not None else None
+        return gene_maps(x, genes), gene_maps(lr_up, genes), m, genes.repeat(B)
+
+    def _adv_genes(self, chunks) -> torch.Tensor:
+        """Genes the discriminator judges this step: those being trained, at most ``adv_max_genes``."""
+        G = self.discriminator.n_genes
+        if chunks is not None and hasattr(self.model, "gene_mask"):
+            cand = torch.nonzero(self.model.gene_mask(chunks).reshape(-1)).reshape(-1).to(self.device)
+        else:
+            cand = torch.arange(G, device=self.device)
+        n = self.config.adv_max_genes
+        if cand.numel() > n:
+            cand = cand[torch.randperm(cand.numel(), generator=self.gen, device=self.device)[:n]].sort().values
+        return cand
+
     def train_step(self) -> dict:
-        """One optimisation step; returns the (detached) losses and ``grad_norm``."""
+        """One optimisation step; returns the (detached) losses and ``grad_norm`` (plus ``adv_g`` / ``adv_d`` with
+        adversarial training)."""
         cfg = self.config
         if hasattr(self.model, "set_progress"):
             self.model.set_progress(self.step / cfg.steps)
@@ -316,14 +366,44 @@ class Trainer:
         B = x0.shape[0]
         t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=self.gen, device=self.device)
         noise = torch.randn(x0.shape, generator=self.gen, device=self.device)
+        # gene chunks (many-gene panels): train a random subset of chunks, loss on their genes only
+        chunks = self.model.sample_train_chunks(self.gen, self.device) \
+            if hasattr(self.model, "sample_train_chunks") else None
+        mask = batch.get("hr_mask")
+        if chunks is not None:
+            batch["gene_chunks"] = chunks
+            gm = self.model.gene_mask(chunks, self.device)
+            mask = gm if mask is None else mask * gm
+        adv = self.discriminator is not None
+        captured: dict = {}
+        net = self.net
+        if adv:
+            def net(x_t, tt, cond, _net=self.net):  # keeps x_t and the output for the x0 prediction
+                res = _net(x_t, tt, cond)
+                captured["x_t"], captured["out"] = x_t, (res[0] if isinstance(res, tuple) else res)
+                return res
         lr = self.lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
         with oom_guard("training", batch_size=B, tile=cfg.lr_size, tile_name="LR patch size (lr_size)",
                        device=self.device if self.device.type != "cpu" else None):
             with autocast(self.device, cfg.amp):
-                losses = self.diffusion.training_losses(self.net, x0, batch, t, mask=batch.get("hr_mask"),
-                                                        noise=noise)
+                losses = self.diffusion.training_losses(net, x0, batch, t, mask=mask, noise=noise)
+                if adv:
+                    from ..model.adversarial import generator_adv_loss
+
+                    x0_pred = self.diffusion.split_model_output(captured["out"].float(), captured["x_t"], t,
+                                                                clip_x0=self.diffusion.target != "x0")[0]
+                    genes = self._adv_genes(chunks)
+                    hr_mask = batch.get("hr_mask")
+                    for p in self.discriminator.parameters():
+                        p.requires_grad_(False)
+                    fake, lr_maps, m, gi = self._adv_inputs(x0_pred, batch["lr_up"], hr_mask, genes)
+                    adv_g = generator_adv_loss(self.discriminator(fake, lr_maps, m, gi), m)
+                    for p in self.discriminator.parameters():
+                        p.requires_grad_(True)
+                    losses["adv_g"] = adv_g
+                    losses["loss"] = losses["loss"] + float(cfg.adv_weight) * adv_g
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
             if cfg.grad_clip and cfg.grad_clip > 0:
@@ -332,6 +412,22 @@ class Trainer:
                 gn = torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in
                                                            self.model.parameters() if p.grad is not None]))
             self.optimizer.step()
+            if adv:  # discriminator step: real = HR truth, fake = this step's x0 prediction
+                from ..model.adversarial import discriminator_loss
+
+                with autocast(self.device, cfg.amp):
+                    real, lr_maps, m, gi = self._adv_inputs(x0, batch["lr_up"], hr_mask, genes)
+                    fake = self._adv_inputs(x0_pred.detach(), batch["lr_up"], hr_mask, genes)[0]
+                    n = real.shape[0]
+                    logits = self.disc_net(torch.cat([real, fake]), torch.cat([lr_maps, lr_maps]),
+                                           torch.cat([m, m]) if m is not None else None, torch.cat([gi, gi]))
+                    d_loss = discriminator_loss(logits[:n], logits[n:], m)
+                self.disc_optimizer.zero_grad(set_to_none=True)
+                d_loss.backward()
+                if cfg.grad_clip and cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), cfg.grad_clip)
+                self.disc_optimizer.step()
+                losses["adv_d"] = d_loss
         self.step += 1
         self._ema_update()
         out = {k: v.detach().float() for k, v in losses.items()}
@@ -349,7 +445,8 @@ class Trainer:
                         train_config=self.config.to_dict(), diffusion_config=self.diffusion.config,
                         genes=self.genes, gene_scale=self.gene_scale, provenance=self.provenance,
                         rng_state=capture_rng_state(self.np_rng, self.gen),
-                        extra={"world_size": self.world_size})
+                        extra={"world_size": self.world_size}, discriminator=self.discriminator,
+                        disc_optimizer=self.disc_optimizer)
         self.last_checkpoint = directory
         return directory
 
@@ -362,6 +459,10 @@ class Trainer:
             self.ema.load_state_dict(state["model"])
         if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.discriminator is not None and state.get("discriminator") is not None:
+            self.discriminator.load_state_dict(state["discriminator"])
+            if state.get("disc_optimizer") is not None:
+                self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         self.step = int(state.get("step", 0))
         if self.genes is None and state.get("genes") is not None:
             self.genes = list(state["genes"])
