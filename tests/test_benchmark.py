@@ -12,8 +12,8 @@ import torch
 
 from napari_diffst import cli
 from napari_diffst.benchmark import (METHOD_NAMES, METRICS, DiffusionMethod, Method, PeakRSS, format_markdown,
-                                     format_table, make_method, parse_methods, score_row, select_genes_variance,
-                                     validate_result)
+                                     format_table, make_method, parse_diffst_set, parse_methods, score_row,
+                                     select_genes_variance, validate_result)
 from napari_diffst.errors import DiffSTError
 from toy_fields import make_toy_field
 
@@ -231,6 +231,45 @@ def test_cli_her2st_c6_cheap_baselines(her2st_dir, tmp_path, capsys, monkeypatch
     z = np.load(tmp_path / "maps" / "C6.npz")
     assert z["truth"].shape[0] == 5 and z["pred_bicubic"].shape == z["truth"].shape
     assert z["lr"].shape[1] * 2 == z["truth"].shape[1]
+
+
+def test_diffst_set_routes_and_merges_options():
+    kn = parse_diffst_set(["use_align=true", "adv_weight=0.01", "steps=5", "hist_features=file:/x/m.pt",
+                           "gene_chunk=8", "model.distill=false", "train.lr=1e-3"])
+    assert kn == {"steps": 5, "model_overrides": {"use_align": True, "hist_features": "file:/x/m.pt",
+                                                  "gene_chunk": 8, "distill": False},
+                  "train_overrides": {"adv_weight": 0.01, "lr": 0.001}}
+    assert parse_diffst_set([]) == {}
+    for bad, msg in (("nokey", "KEY=VALUE"), ("magic=1", "not a diffusion knob"), ("gene_chunk=-2", "gene_chunk"),
+                     ("adv_weight=-1", "adv_weight"), ("hist_features=nope", "hist_features")):
+        with pytest.raises(DiffSTError, match=msg):
+            parse_diffst_set([bad])
+    # the override dicts merge into the budget's: the quick budget's distillation head stays on
+    res = DiffusionMethod(**parse_diffst_set(["use_align=true", "adv_weight=0.01"])).resolved_knobs("quick")
+    assert res["model_overrides"] == {"distill": True, "use_align": True}
+    assert res["train_overrides"] == {"time_limit_s": 300.0, "lr": 5e-4, "adv_weight": 0.01}
+
+
+def test_cli_diffst_set_options_row(tmp_path, capsys):
+    out = tmp_path / "opt.json"
+    rc = cli.main(["benchmark", "--synthetic", "--synthetic-scales", "5", "--synthetic-size-um", "1000",
+                   "--n-genes", "3", "--methods", "diffst", "--budget", "tiny", "--device", "cpu", "--quiet",
+                   "--out", str(out), "--diffst-set", "use_align=true", "--diffst-set", "adv_weight=0.1",
+                   "--diffst-set", "gene_chunk=2", "--diffst-set", "gene_chunk_train=1",
+                   "--diffst-set", "hist_features=handcrafted"])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    assert validate_result(doc) == []
+    assert doc["meta"]["diffst_set"][0] == "use_align=true"
+    run = doc["runs"]["5"]
+    assert run["meta"]["diffst_set"] == doc["meta"]["diffst_set"]
+    kn = run["meta"]["method_knobs"]["diffst"]
+    assert kn["model_overrides"] == {"use_align": True, "gene_chunk": 2, "gene_chunk_train": 1,
+                                     "hist_features": "handcrafted"}
+    assert kn["train_overrides"]["adv_weight"] == 0.1 and kn["trained_steps"] == 3
+    assert run["sections"]["synthetic0"]["methods"]["diffst"]["pcc"] is not None
+    assert cli.main(["benchmark", "--synthetic", "--diffst-set", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
 
 
 def test_cli_errors_are_one_line(capsys):

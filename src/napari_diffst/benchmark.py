@@ -60,14 +60,17 @@ from .errors import DataFormatError, DiffSTError
 __all__ = ["DIFFUSION_BUDGETS", "METHOD_NAMES", "METRICS", "Method", "DiffusionMethod", "make_method",
            "select_genes_variance", "score_row", "parse_methods", "run_benchmark", "run_synthetic",
            "validate_result", "format_table",
-           "format_markdown", "PeakRSS", "add_commands", "cmd_benchmark"]
+           "format_markdown", "PeakRSS", "add_commands", "cmd_benchmark", "parse_diffst_set"]
 
 #: Knobs of the two diffusion methods per budget (the lead tunes these).
 #: ``model_preset``: network size (:data:`napari_diffst.pipeline.MODEL_PRESETS`; its training preset is
 #: 'quick' unless 'full'); ``steps``: training steps; ``batch_size``; ``lr_size``: LR pixels per patch side;
 #: ``sample_steps``: respaced reverse steps; ``n_samples``: samples averaged; ``sampler``: 'ddpm' | 'ddim';
 #: ``train_overrides``: extra :class:`~napari_diffst.train.TrainConfig` fields (``time_limit_s`` caps the
-#: training wall time); ``model_overrides``: extra model config entries.
+#: training wall time); ``model_overrides``: extra model config entries.  Engine options (issue #8, off by
+#: default) are reached through these: ``model_overrides`` ``use_align``, ``gene_chunk`` / ``gene_chunk_train``,
+#: ``hist_features``, ``distill``; ``train_overrides`` ``adv_weight`` — on the command line with
+#: ``--diffst-set KEY=VALUE`` (:func:`parse_diffst_set`).
 DIFFUSION_BUDGETS: dict[str, dict] = {
     "tiny": dict(model_preset="tiny", steps=3, batch_size=2, lr_size=4, sample_steps=2, n_samples=1,
                  sampler="ddim", train_overrides=dict(log_every=1, warmup_steps=1), model_overrides={}),
@@ -117,8 +120,9 @@ class DiffusionMethod:
     from the training fields' spot counts), iterates ``trainer.iter_train()`` and keeps the EMA weights;
     ``predict`` averages ``n_samples`` reverse-diffusion samples (:func:`napari_diffst.pipeline.super_resolve`,
     ``.mean``).  Knobs come from :data:`DIFFUSION_BUDGETS` for the ``budget`` given to ``fit`` (a dict
-    budget overrides entries of 'quick'); keyword ``knobs`` override both.  The validation field is not
-    used (no early stopping)."""
+    budget overrides entries of 'quick'); keyword ``knobs`` override both — ``model_overrides`` and
+    ``train_overrides`` are merged key by key into the budget's (so ``model_overrides={'use_align': True}``
+    keeps the budget's ``distill``).  The validation field is not used (no early stopping)."""
 
     def __init__(self, ablate_all: bool = False, device: str = "auto", verbose: bool = False, **knobs):
         unknown = sorted(set(knobs) - set(DIFFUSION_BUDGETS["quick"]))
@@ -142,7 +146,11 @@ class DiffusionMethod:
             kn = copy.deepcopy(DIFFUSION_BUDGETS[budget])
         else:
             raise ValueError(f"unknown budget {budget!r}; use one of {sorted(DIFFUSION_BUDGETS)} or a dict")
-        kn.update(copy.deepcopy(self.knobs))
+        for k, v in copy.deepcopy(self.knobs).items():
+            if k in ("model_overrides", "train_overrides") and isinstance(v, dict):
+                kn[k] = {**(kn.get(k) or {}), **v}
+            else:
+                kn[k] = v
         return kn
 
     def fit(self, train_fields, val_field=None, seed: int = 0, budget="quick"):
@@ -495,6 +503,7 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
                         "ceiling_pcc": None, "methods": {}}
     preds_by_section: dict = {nm: {} for nm in test_names}
     mkw = dict(method_kwargs or {})
+    method_knobs: dict = {}
     import torch
 
     for name in names:
@@ -515,6 +524,9 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
             method.fit(train_f, val_f, seed=seed, budget=budget)
         fit_s = time.perf_counter() - t1
         fit_peak = mem.peak_mb
+        if isinstance(method, DiffusionMethod):  # the options used and how far training got (time caps)
+            method_knobs[name] = dict(json.loads(json.dumps(method.knobs_, default=str)),
+                                      trained_steps=int(getattr(method.trainer, "step", 0)))
         for nm, f in zip(test_names, test_f):
             mem.peak_mb = fit_peak  # this section's span = fit + its own predict
             t2 = time.perf_counter()
@@ -552,6 +564,7 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
                                else "variance of log1p(CP10k), detected in >= 50% of training spots"),
             "gene_scale": [float(x) for x in gene_scale],
             "peak_mb_source": mem_src, "diffusion_knobs": _jsonable_knobs(budget, names),
+            "method_knobs": method_knobs,
             "load_seconds": round(load_s, 2), "fields_seconds": round(fields_s, 2),
             "total_seconds": round(time.perf_counter() - t_start, 2), "machine": _machine(dev_label, load_start),
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -784,12 +797,79 @@ def _int_list(s: str) -> list[int]:
     return out
 
 
+def _parse_value(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        low = text.strip().lower()
+        if low in ("true", "false"):
+            return low == "true"
+        if low in ("none", "null"):
+            return None
+        return text
+
+
+def parse_diffst_set(items: Sequence[str] | None) -> dict:
+    """``['KEY=VALUE', ...]`` (``--diffst-set``) -> :class:`DiffusionMethod` knobs for ``diffst``.
+
+    ``KEY`` is a knob of :data:`DIFFUSION_BUDGETS` (``steps``, ``sample_steps``, ``n_samples``, ...), a model
+    config key (``use_align``, ``gene_chunk``, ``hist_features``, ``distill``, ... → ``model_overrides``) or a
+    :class:`~napari_diffst.train.TrainConfig` field (``adv_weight``, ``lr``, ``time_limit_s``, ... →
+    ``train_overrides``); ``model.KEY`` / ``train.KEY`` force the target.  ``VALUE`` is JSON (``true``, ``0.01``,
+    ``[1, 2]``, ``"x"``) or else a plain string (``file:/path/model.pt``).  Values are validated here, before any
+    data is loaded."""
+    import dataclasses
+
+    from .model import DEFAULT_CONFIG, default_config
+    from .train import TrainConfig
+
+    knobs: dict = {}
+    model_o: dict = {}
+    train_o: dict = {}
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    plain = set(DIFFUSION_BUDGETS["quick"]) - {"model_overrides", "train_overrides"}
+    for item in items or ():
+        key, sep, val = str(item).partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise DiffSTError(f"--diffst-set {item!r}: expected KEY=VALUE, e.g. use_align=true or adv_weight=0.01")
+        v = _parse_value(val)
+        if key.startswith("model."):
+            model_o[key[6:]] = v
+        elif key.startswith("train."):
+            train_o[key[6:]] = v
+        elif key in plain:
+            knobs[key] = v
+        elif key in DEFAULT_CONFIG:
+            model_o[key] = v
+        elif key in train_fields:
+            train_o[key] = v
+        else:
+            raise DiffSTError(f"--diffst-set {key!r}: not a diffusion knob ({', '.join(sorted(plain))}), model "
+                              "config key (napari_diffst.model.DEFAULT_CONFIG) or TrainConfig field")
+    try:
+        if model_o:
+            default_config(**model_o)
+        if train_o:
+            TrainConfig(**train_o)
+    except TypeError as exc:
+        raise DiffSTError(f"--diffst-set: {exc}") from None
+    if model_o:
+        knobs["model_overrides"] = model_o
+    if train_o:
+        knobs["train_overrides"] = train_o
+    return knobs
+
+
 def cmd_benchmark(args) -> int:
     t0 = time.time()
     parse_methods(args.methods)  # fail before loading any data
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+    diffst_set = parse_diffst_set(getattr(args, "diffst_set", None))
     common = dict(n_genes=args.n_genes, genes=genes, methods=args.methods, budget=args.budget, seed=args.seed,
                   device=args.device, quiet=args.quiet)
+    if diffst_set:
+        common["method_kwargs"] = {"diffst": diffst_set}
     if args.synthetic:
         size = args.synthetic_size_um
         skw = {"size_um": (float(size), float(size))} if size else None
@@ -801,6 +881,11 @@ def cmd_benchmark(args) -> int:
                               "(or --synthetic)")
         result = run_benchmark(args.train, args.val, args.test, scale=args.scale, save_maps=args.save_maps,
                                **common)
+    if diffst_set:  # the options of this row, as given on the command line
+        for run in _iter_runs(result):
+            run["meta"]["diffst_set"] = list(args.diffst_set)
+        if "runs" in result:
+            result["meta"]["diffst_set"] = list(args.diffst_set)
     problems = validate_result(result)
     if problems:  # pragma: no cover - a bug, not bad input
         raise DiffSTError("benchmark produced an invalid result: " + "; ".join(problems[:5]))
@@ -843,5 +928,9 @@ def add_commands(sub) -> None:
     b.add_argument("--synthetic-scales", default="5,10", help="scales of --synthetic (default 5,10)")
     b.add_argument("--synthetic-size-um", type=float, default=None,
                    help="side of each synthetic section in µm (default 3000)")
+    b.add_argument("--diffst-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a diffst knob, model config key or TrainConfig field (repeatable), e.g. "
+                        "--diffst-set use_align=true --diffst-set adv_weight=0.01 --diffst-set gene_chunk=8 "
+                        "--diffst-set hist_features=handcrafted; recorded in the JSON meta")
     b.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     b.set_defaults(func=cmd_benchmark)
