@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_diffst.baselines import (BASELINES, Bicubic, IStarStyle, Nearest, TeslaStyle, UNetBaseline, cubic_upsample,
-                                     fill_lr, histology_features, make_baseline)
+from napari_diffst.baselines import (BASELINES, Bicubic, HisToSGEStyle, IStarStyle, Nearest, TeslaStyle, UNetBaseline,
+                                     cubic_upsample, fill_lr, histology_features, make_baseline)
 from napari_diffst.errors import DataFormatError
 from napari_diffst.metrics import consistency_per_gene, pcc_per_gene, score_field
 from toy_fields import make_toy_field
@@ -35,7 +35,7 @@ def _constant_field(c=0.7, s=4):
 
 
 def test_registry():
-    assert set(BASELINES) == {"nearest", "bicubic", "tesla", "istar", "unet"}
+    assert set(BASELINES) == {"nearest", "bicubic", "tesla", "istar", "unet", "histosge"}
     assert isinstance(make_baseline("tesla", colour_weight=0.0), TeslaStyle)
     with pytest.raises(ValueError, match="unknown baseline"):
         make_baseline("nope")
@@ -165,3 +165,62 @@ def test_trained_baselines_respect_scale_three():
     for b in (IStarStyle().fit(tr, budget={"steps": 20, "ensemble": 1, "finetune": 5}),
               UNetBaseline().fit(tr, budget={"steps": 3, "batch": 2})):
         assert b.predict(f).shape == (f.G, 27, 30)
+
+
+# ------------------------------------------------------------------------------------------ histosge
+#: step-limited budgets (no wall-clock cut-off, so runs are comparable and deterministic)
+HS_SMALL = {"steps": 40, "batch": 64, "ensemble": 1, "max_seconds": 600, "val_every": 20}
+HS_TRAIN = {"steps": 150, "batch": 128, "ensemble": 1, "max_seconds": 600, "val_every": 50, "lr": 3e-3}
+
+
+def test_histosge_fits_predicts_and_adds_detail(toy):
+    f = toy["test"]
+    m = HisToSGEStyle().fit(toy["train"], toy["val"], seed=0, budget=HS_TRAIN)
+    p = m.predict(f)
+    assert p.shape == f.hr.shape and p.dtype == np.float32 and np.all(np.isfinite(p))
+    assert np.all(p[:, ~f.hr_mask] == 0)
+    assert m.steps_ == [150] and m.val_scores_[0] is not None
+    b = Bicubic().predict(f)
+    assert _pcc(p, f) > _pcc(b, f) + 0.01
+    assert score_field(p, f)["detail_pcc"] > score_field(b, f)["detail_pcc"] + 0.05
+    # back-projection option: block means reproduce the LR
+    m.consistent = True
+    _, rm = consistency_per_gene(m.predict(f), f.lr, f.lr_mask, f.hr_mask, f.scale)
+    assert np.all(rm < 5e-3)
+    wrong = dataclasses.replace(f, genes=list(reversed(f.genes)))
+    with pytest.raises(DataFormatError, match="genes"):
+        m.predict(wrong)
+    with pytest.raises(RuntimeError, match="fit"):
+        HisToSGEStyle().predict(f)
+    with pytest.raises(ValueError, match="HR truth"):
+        HisToSGEStyle().fit([dataclasses.replace(f, hr=None)])
+
+
+def test_histosge_learns_expression_from_colour():
+    """Expression = the region indicator, the H&E colour = the region colour, the LR carries nothing
+    (a constant): only the histology → expression relation can recover the map."""
+    def no_lr(f):
+        return dataclasses.replace(f, lr=np.where(f.lr_mask, 0.5, 0.0).astype(np.float32)[None], extra={})
+
+    train = [no_lr(make_toy_field(i, piecewise=True)) for i in (1, 2, 3)]
+    test = no_lr(make_toy_field(0, piecewise=True))
+    p = HisToSGEStyle().fit(train, seed=0, budget=HS_TRAIN).predict(test)
+    assert _pcc(p, test) > 0.9
+    # the bicubic of a constant LR knows nothing
+    assert np.ptp(Bicubic().predict(test)[:, test.hr_mask]) < 1e-5
+
+
+def test_histosge_deterministic_with_seed(toy):
+    f = toy["test"]
+    a = HisToSGEStyle().fit(toy["train"][:1], toy["val"], seed=3, budget=HS_SMALL).predict(f)
+    b = HisToSGEStyle().fit(toy["train"][:1], toy["val"], seed=3, budget=HS_SMALL).predict(f)
+    np.testing.assert_array_equal(a, b)
+    c = HisToSGEStyle().fit(toy["train"][:1], toy["val"], seed=4, budget=HS_SMALL).predict(f)
+    assert not np.array_equal(a, c)
+
+
+def test_histosge_respects_scale_three():
+    f = make_toy_field(7, h=9, w=10, s=3, k=1)
+    tr = [make_toy_field(8, h=9, w=10, s=3, k=1)]
+    p = HisToSGEStyle(radius=1).fit(tr, budget={"steps": 5, "batch": 16, "ensemble": 1}).predict(f)
+    assert p.shape == (f.G, 27, 30) and np.all(np.isfinite(p))

@@ -9,7 +9,8 @@ Every baseline is a class with
 * ``predict(field) -> (G, H, W)`` float32 in model units on the field's HR grid (``H = h·s`` with
   ``s = field.scale``).  Pixels outside ``field.hr_mask`` are set to 0 (``mask_output=True``).
 
-and is registered in :data:`BASELINES` under ``nearest``, ``bicubic``, ``tesla``, ``istar``, ``unet``.
+and is registered in :data:`BASELINES` under ``nearest``, ``bicubic``, ``tesla``, ``istar``, ``unet``,
+``histosge``.
 
 ``nearest``  block copy of the LR (the LR input itself on the HR grid).
 ``bicubic``  cubic B-spline interpolation at HR pixel centres, edge-aware: LR pixels outside tissue are
@@ -32,6 +33,16 @@ and is registered in :data:`BASELINES` under ``nearest``, ``bicubic``, ``tesla``
 ``unet``     supervised U-Net regression: inputs edge-aware bicubic LR↑, LR mask↑ and H&E through a
              stride-``k`` conv stem (k = ``he_per_hr``); predicts a residual on LR↑; masked L1 loss on
              :func:`~napari_diffst.data.pairs.random_patches` of training fields with HR truth.
+``histosge`` HisToSGE-style (Shi et al. 2024) spot-level regressor, supervised: each HR pixel ("spot") is
+             described by the handcrafted histology features of :func:`histology_features` pooled over
+             its H&E pixels plus their blurred context; a feature-learning module (a token per spot in
+             the ``(2r+1)²`` neighbourhood with a learned position embedding, multi-head attention from
+             the centre spot over its in-tissue neighbours) and an MLP with residual blocks regress the
+             spot's expression.  Like ``unet`` it predicts a **residual on the edge-aware cubic LR↑**
+             (the centre pixel's LR↑ values are an input too); trained with MSE on in-tissue HR pixels
+             of training fields with HR truth, the best validation-PCC state kept, an ensemble of seeds
+             averaged.  (HisToSGE embeds spot crops with a pathology foundation model; no such weights
+             are used here.)
 
 Torch models use the process's torch thread setting; pass ``num_threads`` to set it explicitly.
 """
@@ -53,6 +64,7 @@ __all__ = [
     "TeslaStyle",
     "IStarStyle",
     "UNetBaseline",
+    "HisToSGEStyle",
     "BASELINES",
     "make_baseline",
     "fill_lr",
@@ -643,6 +655,226 @@ class UNetBaseline(Baseline):
         return self._finish(self._predict_raw(field), field)
 
 
+# ------------------------------------------------------------------------------------------ HisToSGE
+def _dihedral_perms(r: int) -> np.ndarray:
+    """(8, (2r+1)²) permutations of a flattened (2r+1)×(2r+1) window under its 8 rotations / flips."""
+    n = 2 * r + 1
+    base = np.arange(n * n).reshape(n, n)
+    out = []
+    for k in range(4):
+        a = np.rot90(base, k)
+        out += [a.ravel(), a[:, ::-1].ravel()]
+    return np.stack(out).astype(np.int64)
+
+
+def _histosge_module(n_feat: int, n_tok: int, G: int, d: int, hidden: int, n_blocks: int, heads: int,
+                     use_lr: bool):
+    torch = _torch()
+    nn = torch.nn
+
+    class ResBlock(nn.Module):
+        def __init__(self, w):
+            super().__init__()
+            self.f = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, 2 * w), nn.GELU(), nn.Linear(2 * w, w))
+
+        def forward(self, x):
+            return x + self.f(x)
+
+    class Net(nn.Module):
+        """Spot tokens (B, N, F) + validity (B, N) + centre LR↑ (B, G) → residual expression (B, G)."""
+
+        def __init__(self):
+            super().__init__()
+            self.centre = n_tok // 2
+            self.embed = nn.Sequential(nn.Linear(n_feat, d), nn.GELU(), nn.Linear(d, d))
+            self.pos = nn.Parameter(0.02 * torch.randn(n_tok, d))
+            self.norm = nn.LayerNorm(d)
+            self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+            self.inp = nn.Linear(2 * d + (G if use_lr else 0), hidden)
+            self.blocks = nn.ModuleList([ResBlock(hidden) for _ in range(n_blocks)])
+            self.head = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, G))
+            nn.init.zeros_(self.head[1].weight)  # starts as the LR↑ itself
+            nn.init.zeros_(self.head[1].bias)
+
+        def forward(self, tok, valid, lr):
+            e = self.embed(tok) + self.pos
+            kv = self.norm(e)
+            ctx, _ = self.attn(kv[:, self.centre:self.centre + 1], kv, kv, key_padding_mask=~valid,
+                               need_weights=False)
+            parts = [e[:, self.centre], ctx[:, 0]] + ([lr] if use_lr else [])
+            h = self.inp(torch.cat(parts, 1))
+            for b in self.blocks:
+                h = b(h)
+            return self.head(h)
+
+    return Net()
+
+
+class HisToSGEStyle(Baseline):
+    """HisToSGE-style supervised spot-level histology → expression regressor (module docstring).
+
+    Parameters
+    ----------
+    radius : neighbourhood radius r in HR pixels: each spot attends over the (2r+1)² spots around it
+    dim : token width; hidden : width of the residual MLP; n_blocks : residual blocks; heads : attention heads
+    use_lr : feed the centre pixel's LR↑ values to the MLP (the output is always a residual on LR↑)
+    context_sigmas : blur scales (× s HR pixels) of the context features (:func:`histology_features`)
+    consistent : after prediction, iterative back-projection (as ``Bicubic(consistent=True)``) so that
+        the masked block means reproduce the LR
+    """
+
+    name = "histosge"
+    needs_hr_truth = True
+    BUDGETS = {
+        "tiny": {"steps": 150, "batch": 128, "lr": 3e-3, "ensemble": 1, "max_seconds": 15, "val_every": 50},
+        "quick": {"steps": 1500, "batch": 256, "lr": 2e-3, "ensemble": 2, "max_seconds": 60, "val_every": 100},
+        "full": {"steps": 8000, "batch": 512, "lr": 1e-3, "ensemble": 4, "max_seconds": 1200, "val_every": 250},
+    }
+
+    def __init__(self, radius: int = 2, dim: int = 32, hidden: int = 64, n_blocks: int = 2, heads: int = 4,
+                 use_lr: bool = True, context_sigmas=(1.0, 2.0), consistent: bool = False, n_iter: int = 20,
+                 weight_decay: float = 1e-4, num_threads: int | None = None, mask_output: bool = True):
+        super().__init__(mask_output)
+        self.radius, self.dim, self.hidden, self.n_blocks, self.heads = int(radius), dim, hidden, n_blocks, heads
+        self.use_lr, self.context_sigmas = bool(use_lr), tuple(context_sigmas)
+        self.consistent, self.n_iter, self.weight_decay = consistent, n_iter, weight_decay
+        self.num_threads = num_threads
+        self.models_, self.stats_, self.genes_ = None, None, None
+
+    # --- data ---------------------------------------------------------------------------------
+    def _field_arrays(self, field):
+        """Standardised features padded by r, flattened (Hp·Wp, F); validity (Hp·Wp,); token index of every
+        HR pixel (H·W, N) into them; LR↑ (G, H, W)."""
+        r = self.radius
+        F = self.stats_.apply(histology_features(field, self.context_sigmas))
+        Fn, H, W = F.shape
+        Fp = np.pad(F, ((0, 0), (r, r), (r, r)))
+        vp = np.pad(np.asarray(field.hr_mask, bool), r)
+        Wp = W + 2 * r
+        rr, cc = np.mgrid[0:H, 0:W]
+        dr, dc = np.mgrid[-r:r + 1, -r:r + 1]
+        idx = (rr.ravel()[:, None] + r + dr.ravel()[None]) * Wp + (cc.ravel()[:, None] + r + dc.ravel()[None])
+        return (Fp.reshape(Fn, -1).T.astype(np.float32), vp.ravel(), idx.astype(np.int64),
+                field.lr_upsampled(3).astype(np.float32))
+
+    def _train_set(self, fields):
+        feats, valid, idx, lr, tgt, off = [], [], [], [], [], 0
+        for f in fields:
+            Fp, vp, ix, up = self._field_arrays(f)
+            m = np.asarray(f.hr_mask, bool).ravel()
+            G = f.G
+            feats.append(Fp)
+            valid.append(vp)
+            idx.append(ix[m] + off)
+            lr.append(up.reshape(G, -1)[:, m].T)
+            tgt.append((np.asarray(f.hr, np.float32).reshape(G, -1)[:, m] - up.reshape(G, -1)[:, m]).T)
+            off += len(Fp)
+        return (np.concatenate(feats), np.concatenate(valid), np.concatenate(idx), np.concatenate(lr),
+                np.concatenate(tgt))
+
+    def _batch(self, feats, valid, idx, lr, sel, perm=None):
+        torch = _torch()
+        ix = idx[sel] if perm is None else np.take_along_axis(idx[sel], perm, axis=1)
+        v = valid[ix]
+        v[:, ix.shape[1] // 2] = True  # the centre token always takes part
+        return torch.from_numpy(feats[ix]), torch.from_numpy(v), torch.from_numpy(lr[sel])
+
+    def _predict_residual(self, model, field, arrays=None) -> np.ndarray:
+        torch = _torch()
+        Fp, vp, ix, up = self._field_arrays(field) if arrays is None else arrays
+        G, H, W = up.shape
+        lr = up.reshape(G, -1).T.copy()
+        out = np.empty((H * W, G), np.float32)
+        model.eval()
+        with torch.no_grad():
+            for a in range(0, H * W, 8192):
+                sel = np.arange(a, min(a + 8192, H * W))
+                out[sel] = model(*self._batch(Fp, vp, ix, lr, sel)).numpy()
+        return out.T.reshape(G, H, W)
+
+    # --- API ----------------------------------------------------------------------------------
+    def fit(self, train_fields=(), val_field=None, seed: int = 0, budget="quick"):
+        torch = _torch()
+        from .metrics import pcc_per_gene
+
+        _set_threads(self.num_threads)
+        fields = [f for f in train_fields if f.hr is not None]
+        if not fields:
+            raise ValueError("histosge: fit needs training fields with HR truth (supervised spot regression)")
+        self.genes_ = list(fields[0].genes)
+        for f in fields:
+            _check_field(f, self.genes_)
+        bud = self.budget_ = _resolve_budget(self.BUDGETS, budget)
+        Fs = [histology_features(f, self.context_sigmas) for f in fields]
+        pix = np.concatenate([F[:, f.hr_mask].T for F, f in zip(Fs, fields)])
+        mu, sd = pix.mean(0), pix.std(0)
+        sd[sd < 1e-6] = 1.0
+        self.stats_ = _FeatureStats(mu.astype(np.float32), sd.astype(np.float32))
+        del Fs, pix
+        feats, valid, idx, lr, tgt = self._train_set(fields)
+        n, N = idx.shape
+        perms = _dihedral_perms(self.radius)
+        use_val = val_field is not None and val_field.hr is not None
+        if use_val:
+            _check_field(val_field, self.genes_)
+            val_arrays = self._field_arrays(val_field)
+        self.models_, self.val_scores_, self.steps_ = [], [], []
+        tgt_t = torch.from_numpy(tgt)
+        for e in range(int(bud["ensemble"])):
+            torch.manual_seed(seed * 1000 + e)
+            rng = np.random.default_rng(seed * 1000 + e)
+            model = _histosge_module(feats.shape[1], N, len(self.genes_), self.dim, self.hidden, self.n_blocks,
+                                     self.heads, self.use_lr)
+            opt = torch.optim.AdamW(model.parameters(), lr=bud["lr"], weight_decay=self.weight_decay)
+            t0 = time.monotonic()
+            max_s = bud["max_seconds"] / bud["ensemble"]
+            best, best_state, step = -np.inf, None, 0
+            for step in range(int(bud["steps"])):
+                model.train()
+                for gr in opt.param_groups:
+                    gr["lr"] = bud["lr"] * _lr_factor(step, bud["steps"], t0, max_s)
+                sel = rng.integers(0, n, int(min(bud["batch"], n)))
+                perm = perms[rng.integers(0, len(perms), len(sel))]
+                tok, v, l = self._batch(feats, valid, idx, lr, sel, perm)
+                loss = ((model(tok, v, l) - tgt_t[torch.from_numpy(sel)]) ** 2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                last = step == bud["steps"] - 1 or time.monotonic() - t0 > max_s
+                if use_val and ((step + 1) % bud["val_every"] == 0 or last):
+                    p = self._predict_residual(model, val_field, val_arrays) + val_arrays[3]
+                    sc = float(np.nanmean(pcc_per_gene(p, val_field.hr, val_field.hr_mask)))
+                    if sc > best:
+                        best, best_state = sc, copy.deepcopy(model.state_dict())
+                if last:
+                    break
+            if best_state is not None:
+                model.load_state_dict(best_state)
+            model.eval()
+            self.models_.append(model)
+            self.val_scores_.append(float(best) if best_state is not None else None)
+            self.steps_.append(step + 1)
+        return self
+
+    def predict(self, field) -> np.ndarray:
+        _set_threads(self.num_threads)
+        if self.models_ is None:
+            raise RuntimeError("histosge: call fit() before predict()")
+        _check_field(field, self.genes_)
+        arrays = self._field_arrays(field)
+        res = np.mean([self._predict_residual(m, field, arrays) for m in self.models_], axis=0)
+        x = (field.lr_upsampled(3) + res).astype(np.float64)
+        if self.consistent:
+            s = int(field.scale)
+            lr = fill_lr(field.lr, field.lr_mask)
+            m = np.asarray(field.hr_mask, bool)
+            ok = field.lr_mask & (_masked_block_mean(x[:1], s, m)[1] > 0)
+            for _ in range(self.n_iter):
+                agg, _ = _masked_block_mean(x, s, m)
+                x += cubic_upsample(np.where(ok, lr - agg, 0.0), s, None)
+        return self._finish(x, field)
+
+
 #: name → baseline class
 BASELINES = {
     "nearest": Nearest,
@@ -650,6 +882,7 @@ BASELINES = {
     "tesla": TeslaStyle,
     "istar": IStarStyle,
     "unet": UNetBaseline,
+    "histosge": HisToSGEStyle,
 }
 
 

@@ -84,7 +84,8 @@ DIFFUSION_BUDGETS: dict[str, dict] = {
 }
 
 #: Method names in table order; ``--methods all`` runs them all.
-METHOD_NAMES: tuple[str, ...] = ("diffst", "bicubic", "nearest", "tesla", "istar", "unet", "cond_diffusion")
+METHOD_NAMES: tuple[str, ...] = ("diffst", "bicubic", "nearest", "tesla", "istar", "unet", "cond_diffusion",
+                                 "histosge")
 #: Per-method metric keys in the JSON (in order).
 METRICS: tuple[str, ...] = ("pcc", "rmse", "ssim", "detail_pcc", "seconds", "peak_mb")
 _OPTIONAL_METHOD_KEYS = ("gpu_peak_mb",)
