@@ -289,6 +289,17 @@ def _script(net, path):
 
 
 def test_registry_and_spec_parsing():
+    import subprocess
+    import sys
+
+    import napari_diffst
+
+    # the widget's list of names comes without importing torch
+    code = "import sys, napari_diffst.features as f; f.available_feature_extractors(); print('torch' in sys.modules)"
+    src = str(__import__("pathlib").Path(napari_diffst.__file__).parents[1])
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "PYTHONPATH": src})
+    assert res.stdout.strip() == "False", res.stderr
     names = available_feature_extractors()
     assert names[:3] == ["learned", "handcrafted", "file"]
     assert parse_feature_spec("file:/a/b.pt") == ("file", "/a/b.pt")

@@ -416,21 +416,25 @@ class DiffSTDenoiser(nn.Module):
             h = up(h)
         return self.out_conv(F.silu(self.out_norm(h))), losses
 
-    def _cigc_rows(self, x_in: torch.Tensor, genes: list[int]) -> torch.Tensor:
-        """CIGC features (B, len(genes), D, H, W) of ``genes``; the node features of the other genes enter the
-        graph convolution without gradients (they are not trained this step), which bounds training memory."""
+    def _cigc_nodes(self, x_in: torch.Tensor, genes: list[int]) -> torch.Tensor:
+        """CIGC node features of all G genes (B, G, D, H, W), encoded one gene chunk at a time. Only the genes
+        in ``genes`` (those trained this step) keep gradients; the others enter the graph convolution as
+        constants, which bounds training memory. Under ``no_grad`` only one chunk's intermediates exist at once."""
         gg = self.gene_graph
         G = x_in.shape[1]
-        sel = torch.as_tensor(genes, device=x_in.device, dtype=torch.long)
-        if len(genes) == G or not torch.is_grad_enabled():
-            return gg.mix(gg.node_features(x_in), None if len(genes) == G else sel)
-        rest = torch.as_tensor(sorted(set(range(G)) - set(genes)), device=x_in.device, dtype=torch.long)
-        f_sel = gg.node_features(x_in[:, sel], sel)
-        with torch.no_grad():
-            f_rest = gg.node_features(x_in[:, rest], rest)
-        f = f_sel.new_zeros((x_in.shape[0], G) + tuple(f_sel.shape[2:]))
-        f = f.index_copy(1, rest, f_rest).index_copy(1, sel, f_sel)
-        return gg.mix(f, sel)
+        want = set(genes)
+        feats = []
+        for j in range(self.n_chunks):
+            r = self.chunk_genes(j)
+            idx = torch.arange(r.start, r.stop, device=x_in.device)
+            if set(r) <= want or not torch.is_grad_enabled():
+                feats.append(gg.node_features(x_in[:, r.start:r.stop], idx))
+            elif not (set(r) & want):
+                with torch.no_grad():
+                    feats.append(gg.node_features(x_in[:, r.start:r.stop], idx))
+            else:  # pragma: no cover - chunks are trained whole
+                feats.append(gg.node_features(x_in[:, r.start:r.stop], idx))
+        return torch.cat(feats, 1) if len(feats) > 1 else feats[0]
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, cond: dict):
         cfg = self.config
@@ -513,10 +517,7 @@ class DiffSTDenoiser(nn.Module):
         c = self.chunk
         ids = list(range(self.n_chunks)) if chunks is None else [int(j) for j in torch.as_tensor(chunks).reshape(-1)]
         genes = [g for j in ids for g in self.chunk_genes(j)]
-        cig = None
-        if self.gene_graph is not None:
-            rows = self._cigc_rows(x_in, genes)                         # (B, len(genes), D, Hp, Wp)
-            cig = dict(zip(genes, rows.unbind(1)))
+        nodes = self._cigc_nodes(x_in, genes) if self.gene_graph is not None else None   # (B, G, D, Hp, Wp)
         zero = x_in.new_zeros(B, 1, Hp, Wp)
 
         def chunk_input(j):
@@ -528,8 +529,9 @@ class DiffSTDenoiser(nn.Module):
                 return torch.cat([s, zero.expand(B, padn, Hp, Wp)], 1) if padn else s
 
             parts = [take(x_in)]
-            if cig is not None:
-                d = torch.stack([cig[g] for g in r], 1).reshape(B, -1, Hp, Wp)
+            if nodes is not None:  # graph convolution for this chunk's rows only (each row sees all G genes)
+                rows = torch.arange(r.start, r.stop, device=x_in.device)
+                d = self.gene_graph.mix(nodes, rows).reshape(B, -1, Hp, Wp)
                 if padn:
                     d = torch.cat([d, zero.expand(B, padn * self.config["cigc_dim"], Hp, Wp)], 1)
                 parts.append(d)

@@ -49,7 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import features as _names
 from ..errors import DataFormatError, DiffSTError
+from ..features import available_feature_extractors, describe_feature_extractor  # noqa: F401 - re-exported
 from .layers import ResBlock
 
 __all__ = ["FeatureExtractor", "HandcraftedFeatures", "FileFeatures", "ExtractorTissueEncoder",
@@ -292,21 +294,11 @@ _REGISTRY: dict[str, _Entry] = {}
 
 def register_feature_extractor(name: str, factory: Callable, description: str = "", needs_arg: bool = False) -> None:
     """Add an extractor: ``factory(arg, model_config) -> FeatureExtractor`` (``arg`` is the text after
-    ``name:`` in the spec, None without one)."""
+    ``name:`` in the spec, None without one). The name is also listed by :func:`available_feature_extractors`."""
     if not name or ":" in name:
         raise ValueError(f"bad feature extractor name {name!r}")
     _REGISTRY[name] = _Entry(factory, description, needs_arg)
-
-
-def available_feature_extractors() -> list[str]:
-    """Names usable in ``hist_features`` (``'file'`` and ``'timm'`` take ``:PATH`` / ``:ARCH:PATH``)."""
-    return [n for n in _REGISTRY if n != "timm" or importlib.util.find_spec("timm") is not None]
-
-
-def describe_feature_extractor(name: str) -> str:
-    """One line about an extractor name (for tooltips)."""
-    e = _REGISTRY.get(name.split(":", 1)[0])
-    return e.description if e else ""
+    _names.FEATURE_EXTRACTORS[name] = (description, bool(needs_arg))
 
 
 def parse_feature_spec(spec) -> tuple[str, str | None]:
@@ -351,15 +343,11 @@ def _timm_factory(arg, cfg):
                         arch=arch)
 
 
-register_feature_extractor("learned", lambda arg, cfg: None,
-                           "strided conv encoder trained from scratch with the denoiser (default)")
-register_feature_extractor("handcrafted", lambda arg, cfg: HandcraftedFeatures(),
-                           "fixed colour (RGB, H/E/DAB stain deconvolution) and texture (local std, gradient "
-                           "magnitude at 3 scales) features")
-register_feature_extractor("file", _file_factory,
-                           "your own pretrained pathology model: a local TorchScript file (frozen)", needs_arg=True)
-register_feature_extractor("timm", _timm_factory,
-                           "a timm architecture with a local state dict (frozen; needs timm)", needs_arg=True)
+_FACTORIES = {"learned": lambda arg, cfg: None, "handcrafted": lambda arg, cfg: HandcraftedFeatures(),
+              "file": _file_factory, "timm": _timm_factory}
+for _n, (_desc, _arg) in list(_names.FEATURE_EXTRACTORS.items()):
+    if _n in _FACTORIES:
+        register_feature_extractor(_n, _FACTORIES[_n], _desc, needs_arg=_arg)
 
 
 # ---------------------------------------------------------------------------------------------- encoder
