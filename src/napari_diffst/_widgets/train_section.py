@@ -8,19 +8,24 @@ when the generator ends."""
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
 from pathlib import Path
 
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QLabel, QLineEdit, QPushButton,
                             QSpinBox, QToolButton)
 
 from . import settings
-from ._common import Section, info_label, notify_error, notify_info, notify_warning, row as _row
+from ._common import Section, info_label, notify_error, notify_info, notify_warning, progress_bar, row as _row
 from .plots import LossPlot
 from .workers import Job, JobRunner, format_eta, train_job
 
 BUDGETS = (("tiny", "tiny (tests, seconds)"), ("quick", "quick (CPU minutes)"), ("full", "full (GPU hours)"))
 DEFAULT_STEPS = {"tiny": 20, "quick": 300, "full": 40000}
 DEFAULT_BATCH = {"tiny": 2, "quick": 4, "full": 16}
+#: labels of the "Histology features" box (model config ``hist_features``; napari_diffst.features)
+FEATURE_LABELS = {"learned": "learned (default)", "handcrafted": "handcrafted (colour + texture)",
+                  "file": "pretrained model file…"}
 CUDA_MISSING_TIP = ("CUDA is not available (no NVIDIA GPU, or a CPU-only PyTorch build): training runs on the "
                     "CPU and is slow. Use the 'tiny'/'quick' budget here, or train on a GPU machine with "
                     "`napari-diffst train` and load the checkpoint in section 5.")
@@ -60,6 +65,9 @@ class TrainSection(Section):
         self.patch_spin.setToolTip("LR pixels per side of a training patch (capped at the section size)")
         self.add_row("Steps", self.steps_spin)
         self.add_row("Batch / patch", _row(self.batch_spin, QLabel("patch"), self.patch_spin, stretch=0))
+        self.features_combo = self.add_row("Histology features", QComboBox())
+        self.features_file = settings.load("train/features_file", "")
+        self._fill_features()
         self.ckpt_edit = QLineEdit(settings.load("train/ckpt_dir", ""))
         self.ckpt_edit.setPlaceholderText("checkpoint folder (default: ~/napari-diffst-runs/…)")
         self.ckpt_btn = QToolButton()
@@ -80,8 +88,10 @@ class TrainSection(Section):
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.add_row(None, _row(self.train_btn, self.cancel_btn))
+        self.progress = self.add_widget(progress_bar())
         self.plot = self.add_widget(LossPlot(self))
-        self.eta_label = self.add_widget(info_label("Not trained yet."))
+        self.eta_label = self.add_widget(info_label("Not trained yet.", lines=3))
+        self._status_text = None  # text for eta_label at the next UI tick
 
         self.runner: JobRunner | None = None
         self._notice = None
@@ -90,6 +100,7 @@ class TrainSection(Section):
         self.fields = None
 
         self.budget_combo.currentIndexChanged.connect(self._on_budget)
+        self.features_combo.activated.connect(self._on_features)
         self.steps_spin.valueChanged.connect(lambda v: settings.save("train/steps", int(v)))
         self.batch_spin.valueChanged.connect(lambda v: settings.save("train/batch", int(v)))
         self.patch_spin.valueChanged.connect(lambda v: settings.save("train/lr_size", int(v)))
@@ -110,6 +121,54 @@ class TrainSection(Section):
         settings.save("train/budget", self.budget)
         self.steps_spin.setValue(DEFAULT_STEPS[self.budget])
         self.batch_spin.setValue(DEFAULT_BATCH[self.budget])
+
+    def _fill_features(self):
+        from ..features import available_feature_extractors, describe_feature_extractor  # torch-free
+
+        for i, name in enumerate(n for n in available_feature_extractors() if n in FEATURE_LABELS):
+            label = FEATURE_LABELS[name]
+            if name == "file" and self.features_file:
+                label = f"file: {Path(self.features_file).name}"
+            self.features_combo.addItem(label, name)
+            self.features_combo.setItemData(i, describe_feature_extractor(name), Qt.ItemDataRole.ToolTipRole)
+        keys = [self.features_combo.itemData(i) for i in range(self.features_combo.count())]
+        saved = settings.load("train/features", "learned")
+        self.features_combo.setCurrentIndex(keys.index(saved) if saved in keys else 0)
+        self._features_index = self.features_combo.currentIndex()
+        self.features_combo.setToolTip("What turns the H&E into tissue-level features for the network: "
+                                       "learned from scratch, fixed colour/texture features, or your own "
+                                       "pretrained pathology model (TorchScript file, kept frozen)")
+
+    def _on_features(self, index: int):
+        if self.features_combo.itemData(index) == "file":
+            start = self.features_file or settings.load("train/ckpt_parent", str(Path.home()))
+            f, _ = QFileDialog.getOpenFileName(self, "Pretrained feature extractor (TorchScript)", start,
+                                               "Models (*.pt *.pt2 *.pth *.ts);;All files (*)")
+            if not f and not self.features_file:
+                self.features_combo.setCurrentIndex(self._features_index)
+                return
+            if f:
+                self.set_features_file(f)
+        self._features_index = self.features_combo.currentIndex()
+        settings.save("train/features", self.features_combo.currentData())
+
+    def set_features_file(self, path: str) -> None:
+        """Use the pretrained model file ``path`` as the histology feature extractor."""
+        self.features_file = str(path)
+        settings.save("train/features_file", self.features_file)
+        i = self.features_combo.findData("file")
+        self.features_combo.setItemText(i, f"file: {Path(self.features_file).name}")
+        self.features_combo.setCurrentIndex(i)
+        self._features_index = i
+        settings.save("train/features", "file")
+
+    @property
+    def hist_features(self) -> str:
+        """The model config ``hist_features`` of the next training run."""
+        key = self.features_combo.currentData() or "learned"
+        if key == "file":
+            return f"file:{self.features_file}" if self.features_file else "learned"
+        return key
 
     def _choose_ckpt(self):
         start = self.ckpt_edit.text() or settings.load("train/ckpt_parent", str(Path.home()))
@@ -174,11 +233,19 @@ class TrainSection(Section):
         self.eta_label.setText(f"Preparing {len(st.genes)} genes at {st.scale}× …")
         st.set_busy(True)
         job = Job("train")
+        extra = {}
+        if self.hist_features != "learned" and not resume:  # a resumed run keeps its checkpoint's network
+            if "model_overrides" in inspect.signature(train_job).parameters:
+                extra["model_overrides"] = {"hist_features": self.hist_features}
+            else:
+                notify_warning("This napari-diffst's training worker cannot pass the histology feature choice "
+                               "yet; training uses the learned encoder.")
         gen = train_job(job, st.sample, list(st.genes), st.scale, budget=self.budget,
                         steps=self.steps_spin.value(), batch_size=self.batch_spin.value(),
-                        lr_size=self.patch_spin.value(), out_dir=out, resume=resume)
+                        lr_size=self.patch_spin.value(), out_dir=out, resume=resume, **extra)
         self.runner = JobRunner(self.viewer, job, gen, self._on_event, desc="napari-diffst: training Diff-ST",
-                                total=self.steps_spin.value(), on_done=self._on_done)
+                                total=self.steps_spin.value(), on_done=self._on_done, bar=self.progress,
+                                on_tick=self._refresh)
         self._update_enabled()
 
     def cancel(self):
@@ -187,10 +254,21 @@ class TrainSection(Section):
             self.eta_label.setText("Cancelling after this step…")
             self.cancel_btn.setEnabled(False)
 
+    def _set_status(self, text: str) -> None:
+        """Show ``text`` at the next UI tick (events only store; :meth:`_refresh` updates the widgets)."""
+        self._status_text = text
+
+    def _refresh(self) -> None:
+        """The runner's UI tick (4×/s and once at the end): status text and loss plot, one repaint."""
+        if self._status_text is not None:
+            self.eta_label.setText(self._status_text)
+            self._status_text = None
+        self.plot.update_now()
+
     def _on_event(self, d):
         kind = d["kind"]
         if kind == "prepare":
-            self.eta_label.setText(d["message"])
+            self._set_status(d["message"])
         elif kind == "ready":
             self.fields = d["fields"]
             self.state.set_train_fields(d["fields"])
@@ -198,15 +276,15 @@ class TrainSection(Section):
             if d["total"] != self.steps_spin.value():  # resumed run with another total
                 self.plot.set_total(d["total"])
             self.runner.set_progress(d["step0"], total=d["total"])
-            self.eta_label.setText(f"Training on {d['device']}: batch {d['batch_size']}, patch {d['lr_size']} LR px, "
+            self._set_status(f"Training on {d['device']}: batch {d['batch_size']}, patch {d['lr_size']} LR px, "
                                    f"{d['total']} steps → {d['out_dir']}")
         elif kind == "event":
             self._on_train_event(d["event"])
         elif kind == "cancelled_early":
-            self.eta_label.setText("Cancelled before training started.")
+            self._set_status("Cancelled before training started.")
         elif kind == "error":
             notify_error(d["message"])
-            self.eta_label.setText(d["message"])
+            self._set_status(d["message"])
 
     def _on_train_event(self, ev):
         self.last_event = ev
@@ -215,21 +293,21 @@ class TrainSection(Section):
             self.plot.add(ev.step, ev.losses)
             sps = f"{ev.steps_per_s:.2f} steps/s" if ev.steps_per_s else ""
             loss = ev.losses.get("loss")
-            self.eta_label.setText(f"step {ev.step}/{ev.total_steps} · loss {loss:.4f} · {sps} · "
-                                   f"ETA {format_eta(ev.eta_s)}")
+            cancelling = "Cancelling after this step… " if self.runner.job.cancelled else ""
+            self._set_status(f"{cancelling}step {ev.step}/{ev.total_steps} · loss {loss:.4f} · {sps} · "
+                             f"ETA {format_eta(ev.eta_s)}")
             self.runner.set_progress(ev.step, desc=f"napari-diffst: training step {ev.step}/{ev.total_steps}")
         elif ev.kind in ("done", "cancelled"):
-            self.plot.update_now()
             ck = ev.checkpoint
             if ck:
                 self.state.set_checkpoint(ck)
             # the notification (a toast over the canvas, costly to draw) is shown once the worker has ended
             if ev.kind == "done":
-                self.eta_label.setText(f"Finished {ev.step} steps in {format_eta(ev.elapsed_s)}. "
+                self._set_status(f"Finished {ev.step} steps in {format_eta(ev.elapsed_s)}. "
                                        f"Checkpoint: {ck}")
                 self._notice = (notify_info, f"Training finished: checkpoint {ck}")
             else:
-                self.eta_label.setText(f"Cancelled at step {ev.step}; checkpoint kept: {ck}")
+                self._set_status(f"Cancelled at step {ev.step}; checkpoint kept: {ck}")
                 self._notice = (notify_warning, f"Training cancelled at step {ev.step}. The checkpoint {ck} is "
                                                 "kept: resume from it or use it in section 5.")
         elif ev.kind == "error":
@@ -238,7 +316,7 @@ class TrainSection(Section):
 
             msg = friendly_error(ev.error, "training") if ev.error is not None else ev.message
             notify_error(msg + where)
-            self.eta_label.setText(msg + where)
+            self._set_status(msg + where)
 
     def _on_done(self):
         self.state.set_busy(False)
