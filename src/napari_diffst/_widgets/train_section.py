@@ -16,7 +16,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QLabel, QLineEdit
                             QSpinBox, QToolButton)
 
 from . import settings
-from ._common import Section, info_label, notify_error, notify_info, notify_warning, progress_bar, row as _row
+from ._common import Section, info_label, notify_error, notify_info, notify_warning, row as _row
 from .plots import LossPlot
 from .workers import Job, JobRunner, format_eta, train_job
 
@@ -88,10 +88,8 @@ class TrainSection(Section):
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.add_row(None, _row(self.train_btn, self.cancel_btn))
-        self.progress = self.add_widget(progress_bar())
         self.plot = self.add_widget(LossPlot(self))
-        self.eta_label = self.add_widget(info_label("Not trained yet.", lines=3))
-        self._status_text = None  # text for eta_label at the next UI tick
+        self.eta_label = self.add_widget(info_label("Not trained yet."))
 
         self.runner: JobRunner | None = None
         self._notice = None
@@ -244,8 +242,7 @@ class TrainSection(Section):
                         steps=self.steps_spin.value(), batch_size=self.batch_spin.value(),
                         lr_size=self.patch_spin.value(), out_dir=out, resume=resume, **extra)
         self.runner = JobRunner(self.viewer, job, gen, self._on_event, desc="napari-diffst: training Diff-ST",
-                                total=self.steps_spin.value(), on_done=self._on_done, bar=self.progress,
-                                on_tick=self._refresh)
+                                total=self.steps_spin.value(), on_done=self._on_done)
         self._update_enabled()
 
     def cancel(self):
@@ -254,21 +251,10 @@ class TrainSection(Section):
             self.eta_label.setText("Cancelling after this step…")
             self.cancel_btn.setEnabled(False)
 
-    def _set_status(self, text: str) -> None:
-        """Show ``text`` at the next UI tick (events only store; :meth:`_refresh` updates the widgets)."""
-        self._status_text = text
-
-    def _refresh(self) -> None:
-        """The runner's UI tick (4×/s and once at the end): status text and loss plot, one repaint."""
-        if self._status_text is not None:
-            self.eta_label.setText(self._status_text)
-            self._status_text = None
-        self.plot.update_now()
-
     def _on_event(self, d):
         kind = d["kind"]
         if kind == "prepare":
-            self._set_status(d["message"])
+            self.eta_label.setText(d["message"])
         elif kind == "ready":
             self.fields = d["fields"]
             self.state.set_train_fields(d["fields"])
@@ -276,15 +262,15 @@ class TrainSection(Section):
             if d["total"] != self.steps_spin.value():  # resumed run with another total
                 self.plot.set_total(d["total"])
             self.runner.set_progress(d["step0"], total=d["total"])
-            self._set_status(f"Training on {d['device']}: batch {d['batch_size']}, patch {d['lr_size']} LR px, "
+            self.eta_label.setText(f"Training on {d['device']}: batch {d['batch_size']}, patch {d['lr_size']} LR px, "
                                    f"{d['total']} steps → {d['out_dir']}")
         elif kind == "event":
             self._on_train_event(d["event"])
         elif kind == "cancelled_early":
-            self._set_status("Cancelled before training started.")
+            self.eta_label.setText("Cancelled before training started.")
         elif kind == "error":
             notify_error(d["message"])
-            self._set_status(d["message"])
+            self.eta_label.setText(d["message"])
 
     def _on_train_event(self, ev):
         self.last_event = ev
@@ -293,21 +279,21 @@ class TrainSection(Section):
             self.plot.add(ev.step, ev.losses)
             sps = f"{ev.steps_per_s:.2f} steps/s" if ev.steps_per_s else ""
             loss = ev.losses.get("loss")
-            cancelling = "Cancelling after this step… " if self.runner.job.cancelled else ""
-            self._set_status(f"{cancelling}step {ev.step}/{ev.total_steps} · loss {loss:.4f} · {sps} · "
-                             f"ETA {format_eta(ev.eta_s)}")
+            self.eta_label.setText(f"step {ev.step}/{ev.total_steps} · loss {loss:.4f} · {sps} · "
+                                   f"ETA {format_eta(ev.eta_s)}")
             self.runner.set_progress(ev.step, desc=f"napari-diffst: training step {ev.step}/{ev.total_steps}")
         elif ev.kind in ("done", "cancelled"):
+            self.plot.update_now()
             ck = ev.checkpoint
             if ck:
                 self.state.set_checkpoint(ck)
             # the notification (a toast over the canvas, costly to draw) is shown once the worker has ended
             if ev.kind == "done":
-                self._set_status(f"Finished {ev.step} steps in {format_eta(ev.elapsed_s)}. "
+                self.eta_label.setText(f"Finished {ev.step} steps in {format_eta(ev.elapsed_s)}. "
                                        f"Checkpoint: {ck}")
                 self._notice = (notify_info, f"Training finished: checkpoint {ck}")
             else:
-                self._set_status(f"Cancelled at step {ev.step}; checkpoint kept: {ck}")
+                self.eta_label.setText(f"Cancelled at step {ev.step}; checkpoint kept: {ck}")
                 self._notice = (notify_warning, f"Training cancelled at step {ev.step}. The checkpoint {ck} is "
                                                 "kept: resume from it or use it in section 5.")
         elif ev.kind == "error":
@@ -316,7 +302,7 @@ class TrainSection(Section):
 
             msg = friendly_error(ev.error, "training") if ev.error is not None else ev.message
             notify_error(msg + where)
-            self._set_status(msg + where)
+            self.eta_label.setText(msg + where)
 
     def _on_done(self):
         self.state.set_busy(False)
