@@ -47,6 +47,7 @@ def _section_classes():
         ("train_section", "TrainSection"),
         ("sample_section", "SampleSection"),
         ("compare_section", "CompareSection"),
+        ("domains_section", "DomainsSection"),
     ):
         try:
             mod = __import__(f"{__package__}.{modname}", fromlist=[clsname])
