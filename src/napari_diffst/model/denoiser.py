@@ -421,18 +421,15 @@ class DiffSTDenoiser(nn.Module):
         in ``genes`` (those trained this step) keep gradients; the others enter the graph convolution as
         constants, which bounds training memory. Under ``no_grad`` only one chunk's intermediates exist at once."""
         gg = self.gene_graph
-        G = x_in.shape[1]
         want = set(genes)
         feats = []
         for j in range(self.n_chunks):
             r = self.chunk_genes(j)
             idx = torch.arange(r.start, r.stop, device=x_in.device)
-            if set(r) <= want or not torch.is_grad_enabled():
-                feats.append(gg.node_features(x_in[:, r.start:r.stop], idx))
-            elif not (set(r) & want):
+            if torch.is_grad_enabled() and not (set(r) & want):  # a chunk not trained this step
                 with torch.no_grad():
                     feats.append(gg.node_features(x_in[:, r.start:r.stop], idx))
-            else:  # pragma: no cover - chunks are trained whole
+            else:
                 feats.append(gg.node_features(x_in[:, r.start:r.stop], idx))
         return torch.cat(feats, 1) if len(feats) > 1 else feats[0]
 

@@ -376,12 +376,13 @@ class Trainer:
             mask = gm if mask is None else mask * gm
         adv = self.discriminator is not None
         captured: dict = {}
-        net = self.net
-        if adv:
-            def net(x_t, tt, cond, _net=self.net):  # keeps x_t and the output for the x0 prediction
-                res = _net(x_t, tt, cond)
-                captured["x_t"], captured["out"] = x_t, (res[0] if isinstance(res, tuple) else res)
-                return res
+
+        def capture(x_t, tt, cond, _net=self.net):  # keeps x_t and the output for the x0 prediction
+            res = _net(x_t, tt, cond)
+            captured["x_t"], captured["out"] = x_t, (res[0] if isinstance(res, tuple) else res)
+            return res
+
+        net = capture if adv else self.net
         lr = self.lr_at(self.step)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
