@@ -179,7 +179,7 @@ def test_histosge_fits_predicts_and_adds_detail(toy):
     p = m.predict(f)
     assert p.shape == f.hr.shape and p.dtype == np.float32 and np.all(np.isfinite(p))
     assert np.all(p[:, ~f.hr_mask] == 0)
-    assert m.steps_ == [150] and m.val_scores_[0] is not None
+    assert m.steps_ == [150] and m.val_scores_[0] is not None and 0.5 < m.alpha_ <= 1.0
     b = Bicubic().predict(f)
     assert _pcc(p, f) > _pcc(b, f) + 0.01
     assert score_field(p, f)["detail_pcc"] > score_field(b, f)["detail_pcc"] + 0.05
@@ -204,7 +204,9 @@ def test_histosge_learns_expression_from_colour():
 
     train = [no_lr(make_toy_field(i, piecewise=True)) for i in (1, 2, 3)]
     test = no_lr(make_toy_field(0, piecewise=True))
-    p = HisToSGEStyle().fit(train, seed=0, budget=HS_TRAIN).predict(test)
+    m = HisToSGEStyle().fit(train, seed=0, budget=HS_TRAIN)
+    assert m.alpha_ == 1.0  # no validation field: the residual is not shrunk
+    p = m.predict(test)
     assert _pcc(p, test) > 0.9
     # the bicubic of a constant LR knows nothing
     assert np.ptp(Bicubic().predict(test)[:, test.hr_mask]) < 1e-5
@@ -217,6 +219,17 @@ def test_histosge_deterministic_with_seed(toy):
     np.testing.assert_array_equal(a, b)
     c = HisToSGEStyle().fit(toy["train"][:1], toy["val"], seed=4, budget=HS_SMALL).predict(f)
     assert not np.array_equal(a, c)
+
+
+def test_histosge_shrinks_the_residual_on_validation(toy):
+    """A validation truth with no sub-LR detail (its HR = its LR↑) gives α = 0: the prediction is the LR↑."""
+    f, v = toy["test"], toy["val"]
+    flat = dataclasses.replace(v, hr=(v.lr_upsampled(3) * v.hr_mask).astype(np.float32), extra={})
+    m = HisToSGEStyle().fit(toy["train"][:1], flat, seed=0, budget=HS_SMALL)
+    assert m.alpha_ == 0.0
+    np.testing.assert_allclose(m.predict(f), Bicubic().predict(f), atol=1e-5)
+    m2 = HisToSGEStyle(shrink=False).fit(toy["train"][:1], flat, seed=0, budget=HS_SMALL)
+    assert m2.alpha_ == 1.0
 
 
 def test_histosge_respects_scale_three():

@@ -41,7 +41,8 @@ and is registered in :data:`BASELINES` under ``nearest``, ``bicubic``, ``tesla``
              spot's expression.  Like ``unet`` it predicts a **residual on the edge-aware cubic LR↑**
              (the centre pixel's LR↑ values are an input too); trained with MSE on in-tissue HR pixels
              of training fields with HR truth, the best validation-PCC state kept, an ensemble of seeds
-             averaged.  (HisToSGE embeds spot crops with a pathology foundation model; no such weights
+             averaged, and the residual scaled by a least-squares factor α ∈ [0, 1] fitted on the
+             validation field.  (HisToSGE embeds spot crops with a pathology foundation model; no such weights
              are used here.)
 
 Torch models use the process's torch thread setting; pass ``num_threads`` to set it explicitly.
@@ -719,6 +720,9 @@ class HisToSGEStyle(Baseline):
     dim : token width; hidden : width of the residual MLP; n_blocks : residual blocks; heads : attention heads
     use_lr : feed the centre pixel's LR↑ values to the MLP (the output is always a residual on LR↑)
     context_sigmas : blur scales (× s HR pixels) of the context features (:func:`histology_features`)
+    shrink : with a validation field (HR truth), scale the predicted residual by the least-squares factor
+        α = ⟨r̂, r⟩ / ⟨r̂, r̂⟩ on its in-tissue pixels (clipped to [0, 1]; ``alpha_``), so a residual that is
+        partly noise is not added at full strength; α = 1 without a validation field or with ``shrink=False``
     consistent : after prediction, iterative back-projection (as ``Bicubic(consistent=True)``) so that
         the masked block means reproduce the LR
     """
@@ -732,12 +736,13 @@ class HisToSGEStyle(Baseline):
     }
 
     def __init__(self, radius: int = 2, dim: int = 32, hidden: int = 64, n_blocks: int = 2, heads: int = 4,
-                 use_lr: bool = True, context_sigmas=(1.0, 2.0), consistent: bool = False, n_iter: int = 20,
+                 use_lr: bool = True, context_sigmas=(1.0, 2.0), shrink: bool = True, consistent: bool = False,
+                 n_iter: int = 20,
                  weight_decay: float = 1e-4, num_threads: int | None = None, mask_output: bool = True):
         super().__init__(mask_output)
         self.radius, self.dim, self.hidden, self.n_blocks, self.heads = int(radius), dim, hidden, n_blocks, heads
         self.use_lr, self.context_sigmas = bool(use_lr), tuple(context_sigmas)
-        self.consistent, self.n_iter, self.weight_decay = consistent, n_iter, weight_decay
+        self.shrink, self.consistent, self.n_iter, self.weight_decay = shrink, consistent, n_iter, weight_decay
         self.num_threads = num_threads
         self.models_, self.stats_, self.genes_ = None, None, None
 
@@ -854,6 +859,14 @@ class HisToSGEStyle(Baseline):
             self.models_.append(model)
             self.val_scores_.append(float(best) if best_state is not None else None)
             self.steps_.append(step + 1)
+        self.alpha_ = 1.0
+        if use_val and self.shrink:
+            r = np.mean([self._predict_residual(m, val_field, val_arrays) for m in self.models_], 0)
+            vm = np.asarray(val_field.hr_mask, bool)
+            r = r[:, vm].astype(np.float64)
+            t = (np.asarray(val_field.hr, np.float64) - val_arrays[3])[:, vm]
+            den = float((r * r).sum())
+            self.alpha_ = float(np.clip((r * t).sum() / den, 0.0, 1.0)) if den > 0 else 1.0
         return self
 
     def predict(self, field) -> np.ndarray:
@@ -863,7 +876,7 @@ class HisToSGEStyle(Baseline):
         _check_field(field, self.genes_)
         arrays = self._field_arrays(field)
         res = np.mean([self._predict_residual(m, field, arrays) for m in self.models_], axis=0)
-        x = (field.lr_upsampled(3) + res).astype(np.float64)
+        x = (field.lr_upsampled(3) + getattr(self, "alpha_", 1.0) * res).astype(np.float64)
         if self.consistent:
             s = int(field.scale)
             lr = fill_lr(field.lr, field.lr_mask)
