@@ -99,6 +99,8 @@ def cmd_sample(args) -> int:
 
     model, meta, genes, scale, gene_scale = _load_ckpt(args.checkpoint, args.device)
     sample = P.load_data(args.data, seed=args.seed_data)
+    if getattr(args, "tile", 0):
+        return _sample_tiled(args, model, sample, genes, scale, gene_scale)
     field, mode = _field_for(sample, genes, scale, gene_scale, args.mode, he_per_hr=model.config["he_per_hr"])
     print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× "
           f"(HR {field.hr_um:.4g} µm) with {args.steps} steps × {args.n_samples} samples", file=sys.stderr)
@@ -127,6 +129,35 @@ def cmd_sample(args) -> int:
                    extra_channels={"uncertainty": res.std * gs}, metadata=md)
     print(f"wrote {args.out} ({len(genes)} genes + uncertainty, {field.hr_shape[0]}×{field.hr_shape[1]} px at "
           f"{field.hr_um:.4g} µm) in {secs:.1f} s")
+    return 0
+
+
+def _sample_tiled(args, model, sample, genes, scale, gene_scale) -> int:
+    """Whole-slide path: lazy H&E per tile, tiles blended straight into the OME-Zarr (bounded memory)."""
+    from .tiling import SlideSource, super_resolve_tiled_iter
+
+    mode = args.mode if args.mode not in ("auto", "truth") else "native"
+    src = SlideSource.from_sample(sample, genes, scale, gene_scale=gene_scale, mode=mode,
+                                  he_per_hr=model.config["he_per_hr"])
+    H, W = src.hr_shape
+    print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× (HR {src.hr_um:.4g} µm, "
+          f"{H}×{W} px) in {args.tile}-px tiles (overlap {args.overlap}) with {args.steps} steps × "
+          f"{args.n_samples} samples", file=sys.stderr)
+    t0 = time.time()
+    bar = _bar(1, "tiles")
+    res = None
+    for ev in super_resolve_tiled_iter(model, src, tile=args.tile, overlap=args.overlap, steps=args.steps,
+                                       n_samples=args.n_samples, seed=args.seed, sampler=args.sampler,
+                                       batch_tiles=args.batch_tiles, out=args.out):
+        if "result" in ev:
+            res = ev["result"]
+        else:
+            bar.total = ev["total"]
+            bar.n = ev["done"]
+            bar.refresh()
+    bar.close()
+    print(f"wrote {args.out} ({len(genes)} genes + uncertainty, {H}×{W} px at {src.hr_um:.4g} µm, "
+          f"{res.n_tiles} tiles) in {time.time() - t0:.1f} s")
     return 0
 
 
@@ -196,6 +227,10 @@ def add_commands(sub) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--seed-data", type=int, default=0, help=argparse_hidden())
     s.add_argument("--device", default="auto")
+    s.add_argument("--tile", type=int, default=0,
+                   help="HR pixels per tile side: whole-slide tiled sampling with bounded memory (0: one field)")
+    s.add_argument("--overlap", type=int, default=16, help="tile overlap in HR pixels (blended)")
+    s.add_argument("--batch-tiles", type=int, default=4, help="tiles per denoiser call")
     s.add_argument("--out", required=True, help="output .zarr folder")
     s.set_defaults(func=cmd_sample)
 
@@ -208,6 +243,9 @@ def add_commands(sub) -> None:
     e.add_argument("--out", default=None, help="write the scores as JSON")
     e.set_defaults(func=cmd_evaluate)
 
+    from .speed import add_commands as add_speed
+
+    add_speed(sub)
     try:
         from .benchmark import add_commands as add_bench
     except ModuleNotFoundError as exc:  # pragma: no cover

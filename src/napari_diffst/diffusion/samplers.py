@@ -51,15 +51,19 @@ def _prepare(diffusion: GaussianDiffusion, steps):
 
 
 def _progressive(model, shape, cond, diffusion: GaussianDiffusion, *, kind: str, eta: float,
-                 generator, clip_x0: bool, x_T, should_stop, device, amp) -> Iterator[dict]:
+                 generator, clip_x0: bool, x_T, should_stop, device, amp, noise_fn=None) -> Iterator[dict]:
     if device is None:
         tensors = [v for v in cond.values() if torch.is_tensor(v)]
         device = x_T.device if x_T is not None else tensors[0].device if tensors else "cpu"
     device = torch.device(device)
     gen = make_generator(generator, device)
     with torch.no_grad():
-        x = x_T.to(device=device, dtype=torch.float32) if x_T is not None else \
-            torch.randn(tuple(shape), generator=gen, device=device)
+        def draw(i):  # i = -1 for x_T, else the step number
+            if noise_fn is not None:
+                return noise_fn(i, tuple(shape)).to(device=device, dtype=torch.float32)
+            return torch.randn(tuple(shape), generator=gen, device=device)
+
+        x = x_T.to(device=device, dtype=torch.float32) if x_T is not None else draw(-1)
         n = diffusion.num_timesteps
         for i, idx in enumerate(range(n - 1, -1, -1)):
             if should_stop is not None and should_stop():
@@ -69,10 +73,10 @@ def _progressive(model, shape, cond, diffusion: GaussianDiffusion, *, kind: str,
                 out, _ = _call_model(model, x, diffusion.model_timesteps(t), cond)
             out = out.float()
             if kind == "ddpm":
-                noise = torch.randn(x.shape, generator=gen, device=device)
+                noise = draw(i)
                 step = diffusion.p_sample_step(out, x, t, noise, clip_x0=clip_x0)
             else:
-                noise = torch.randn(x.shape, generator=gen, device=device) if eta > 0 else torch.zeros_like(x)
+                noise = draw(i) if eta > 0 else torch.zeros_like(x)
                 step = diffusion.ddim_step(out, x, t, noise, eta=eta, clip_x0=clip_x0)
             x = step["sample"]
             yield {"i": i, "t": int(diffusion.timestep_map[idx]), "n_steps": n, "x_t": x,
@@ -82,27 +86,29 @@ def _progressive(model, shape, cond, diffusion: GaussianDiffusion, *, kind: str,
 def ddpm_sample_progressive(model, shape, cond: dict, diffusion: GaussianDiffusion, generator=None, *,
                             seed: int | None = None, steps: int | str | None = None, clip_x0: bool = True,
                             x_T: torch.Tensor | None = None, should_stop: Callable[[], bool] | None = None,
-                            device=None, amp: bool = False) -> Iterator[dict]:
+                            device=None, amp: bool = False, noise_fn=None) -> Iterator[dict]:
     """Ancestral sampling with Diff-ST Eq. 2, ``x_{t−1} ~ p_θ(x_{t−1} | x_t, y, h)`` from ``x_T ~ N(0, I)``.
 
     ``steps`` (int or section string) respaces the schedule (:func:`space_timesteps`, recomputed betas) — with
     ``steps = T`` the result equals the full sampler exactly for the same noise; None uses ``diffusion`` as is.
-    ``generator`` (torch.Generator) or ``seed`` fixes the noise (x_T first, then one draw per step)."""
+    ``generator`` (torch.Generator) or ``seed`` fixes the noise (x_T first, then one draw per step);
+    ``noise_fn(i, shape)`` replaces the generator (``i = -1`` for x_T, then the step number), e.g. noise locked
+    to slide positions so overlapping tiles share it (:mod:`napari_diffst.tiling`)."""
     return _progressive(model, shape, cond, _prepare(diffusion, steps), kind="ddpm", eta=1.0,
                         generator=generator if generator is not None else seed, clip_x0=clip_x0, x_T=x_T,
-                        should_stop=should_stop, device=device, amp=amp)
+                        should_stop=should_stop, device=device, amp=amp, noise_fn=noise_fn)
 
 
 def ddim_sample_progressive(model, shape, cond: dict, diffusion: GaussianDiffusion, generator=None, *,
                             seed: int | None = None, steps: int | str | None = None, eta: float = 0.0,
                             clip_x0: bool = True, x_T: torch.Tensor | None = None,
                             should_stop: Callable[[], bool] | None = None, device=None,
-                            amp: bool = False) -> Iterator[dict]:
+                            amp: bool = False, noise_fn=None) -> Iterator[dict]:
     """DDIM sampling (Song et al. 2021) over ``steps`` respaced timesteps; ``eta = 0`` is deterministic given
     ``x_T``, ``eta = 1`` matches ancestral DDPM on the same respaced schedule (fixed-small variance)."""
     return _progressive(model, shape, cond, _prepare(diffusion, steps), kind="ddim", eta=float(eta),
                         generator=generator if generator is not None else seed, clip_x0=clip_x0, x_T=x_T,
-                        should_stop=should_stop, device=device, amp=amp)
+                        should_stop=should_stop, device=device, amp=amp, noise_fn=noise_fn)
 
 
 def sample_progressive(model, shape, cond: dict, diffusion: GaussianDiffusion, *, sampler: str = "ddpm",

@@ -329,7 +329,50 @@ class OmeZarrWriter:
                 self._cmin[idx] = np.minimum(self._cmin[idx], lo)
                 self._cmax[idx] = np.maximum(self._cmax[idx], hi)
 
+    def add_tile(self, row: int, col: int, tile, channels=None) -> None:
+        """Add ``tile`` to what level 0 already holds at (``row``, ``col``) — read, add, write back — so
+        overlapping, pre-weighted tiles blend (tiled inference: weights that sum to one per pixel). NaN in
+        ``tile`` adds nothing; pixels that never received a finite value stay NaN. Contrast limits are
+        recomputed from level 0 when the writer closes."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        t = np.asarray(tile, np.float32)
+        if t.ndim == 2:
+            t = t[None]
+        if channels is None:
+            channels = slice(0, t.shape[0])
+        if isinstance(channels, (int, np.integer)):
+            channels = slice(int(channels), int(channels) + 1)
+        idx = np.arange(self.shape[0])[channels]
+        if len(idx) != t.shape[0] or not (isinstance(channels, slice) and channels.step in (None, 1)):
+            raise DataFormatError(self.path, f"tile of shape {t.shape} for channels {channels}",
+                                  "(channels, h, w) for a contiguous channel range")
+        r0, c0 = int(row), int(col)
+        r1, c1 = r0 + t.shape[1], c0 + t.shape[2]
+        if r0 < 0 or c0 < 0 or r1 > self.shape[1] or c1 > self.shape[2]:
+            raise DataFormatError(self.path, f"tile [{r0}:{r1}, {c0}:{c1}] outside the image {self.shape[1:]}",
+                                  "tiles inside the declared shape")
+        a = self._arrays[0]
+        sl = (slice(int(idx[0]), int(idx[-1]) + 1), slice(r0, r1), slice(c0, c1))
+        cur = np.asarray(a[sl], np.float32)
+        fin = np.isfinite(t)
+        out = np.where(fin, np.where(np.isfinite(cur), cur, 0.0) + np.where(fin, t, 0.0), cur)
+        a[sl] = out.astype(np.float32)
+        self._recompute_range = True
+
     def _build_pyramid(self) -> None:
+        if getattr(self, "_recompute_range", False):  # tiles were added: limits from the final level 0
+            self._cmin[:] = np.inf
+            self._cmax[:] = -np.inf
+            src, band = self._arrays[0], 2 * self.chunks[1]
+            for c0 in range(0, self.shape[0], self.chunks[0]):  # one chunk row of channels at a time
+                c1 = min(c0 + self.chunks[0], self.shape[0])
+                for r0 in range(0, self.shape[1], band):
+                    blk = np.asarray(src[c0:c1, r0:min(r0 + band, self.shape[1]), :], np.float32)
+                    fin = np.isfinite(blk)
+                    if fin.any():
+                        self._cmin[c0:c1] = np.minimum(self._cmin[c0:c1], np.where(fin, blk, np.inf).min(axis=(1, 2)))
+                        self._cmax[c0:c1] = np.maximum(self._cmax[c0:c1], np.where(fin, blk, -np.inf).max(axis=(1, 2)))
         band = 2 * self.chunks[1]
         for k in range(1, self.levels):
             src = self._arrays[k - 1]

@@ -1,0 +1,448 @@
+"""Whole-slide super-resolution in overlapping tiles with bounded memory (Qt-free).
+
+A slide's HR grid is covered by a regular grid of ``tile × tile`` windows that overlap by ``overlap`` pixels.
+Each window is sampled by the diffusion model on its own (batched: ``batch_tiles`` windows × ``n_samples``
+rows per sampler call), and the windows are blended with separable linear ramps over the overlaps,
+normalised so the weights sum to one at every pixel (a partition of unity, also for an irregular last tile).
+
+Seams: every tile draws its noise (``x_T`` and one draw per reverse step) from one noise field locked to
+slide positions — :class:`PositionNoise` generates it in fixed ``32 × 32`` blocks keyed by
+``(seed, sample, step, block row, block col)`` — so two overlapping tiles see *the same* noise where they
+overlap and their trajectories differ only through their context. Together with the ramps this leaves no
+visible seam (``tests/test_tiling.py`` measures the jump at tile borders against the interior).
+
+Memory: a :class:`SlideSource` keeps only the LR maps (spots × genes) and the HR tissue mask; the
+LR condition of a tile is upsampled from an LR crop with a margin, and its H&E is read from the image
+(pyramid level chosen by :func:`~napari_diffst.data.grids.sample_image`) for that tile only. With ``out=``
+an OME-Zarr path, tiles are added into the store chunk by chunk (:meth:`OmeZarrWriter.add_tile`), so peak
+memory depends on the tile size and batch, not on the slide size (measured in docs/performance.md).
+
+    src = SlideSource.from_sample(sample, genes, scale=10, gene_scale=gs)   # or FieldSource(field)
+    for ev in super_resolve_tiled_iter(model, src, tile=64, overlap=16, steps=20, out="maps.ome.zarr"):
+        ...   # progress per reverse step; stop iterating to cancel
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field as dc_field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .data.pairs import SRField
+from .errors import CancelledError, DataFormatError
+
+__all__ = ["TilePlan", "plan_tiles", "axis_windows", "PositionNoise", "FieldSource", "SlideSource",
+           "TiledResult", "super_resolve_tiled_iter", "super_resolve_tiled"]
+
+NOISE_BLOCK = 32
+
+
+# ------------------------------------------------------------------------------------------ plan
+def _starts(n: int, tile: int, overlap: int) -> list[int]:
+    """Window starts along one axis of length ``n`` (the last window ends at ``n``)."""
+    if tile >= n:
+        return [0]
+    stride = tile - overlap
+    st = list(range(0, n - tile, stride))
+    st.append(n - tile)
+    return sorted(set(st))
+
+
+def axis_windows(n: int, tile: int, overlap: int) -> tuple[list[int], list[np.ndarray], np.ndarray]:
+    """Starts, per-window 1-D weights (linear ramps of length ``overlap`` on the sides that meet another
+    window, 1 elsewhere) and their sum per position (the normaliser, > 0 everywhere)."""
+    tile = min(int(tile), int(n))
+    starts = _starts(n, tile, overlap)
+    norm = np.zeros(n, np.float64)
+    wins = []
+    for j, s0 in enumerate(starts):
+        w = np.ones(tile, np.float64)
+        if j > 0:  # ramp up over the part shared with the previous window
+            ov = starts[j - 1] + tile - s0
+            if ov > 0:
+                w[:ov] = np.minimum(w[:ov], (np.arange(ov) + 0.5) / ov)
+        if j < len(starts) - 1:
+            ov = s0 + tile - starts[j + 1]
+            if ov > 0:
+                w[tile - ov:] = np.minimum(w[tile - ov:], (ov - np.arange(ov) - 0.5) / ov)
+        wins.append(w)
+        norm[s0:s0 + tile] += w
+    return starts, wins, norm
+
+
+@dataclass
+class TilePlan:
+    """The tile grid over an ``(H, W)`` HR raster; ``tiles`` lists ``(row index, col index)`` of the windows
+    that touch tissue (the others are skipped: they hold no in-tissue pixel)."""
+
+    shape: tuple[int, int]
+    tile: tuple[int, int]
+    overlap: int
+    row_starts: list[int]
+    col_starts: list[int]
+    row_w: list[np.ndarray]
+    col_w: list[np.ndarray]
+    row_norm: np.ndarray
+    col_norm: np.ndarray
+    tiles: list[tuple[int, int]] = dc_field(default_factory=list)
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.tiles)
+
+    def bbox(self, t: tuple[int, int]) -> tuple[int, int, int, int]:
+        """``(r0, c0, h, w)`` of tile ``t``."""
+        i, j = t
+        return self.row_starts[i], self.col_starts[j], self.tile[0], self.tile[1]
+
+    def weight(self, t: tuple[int, int]) -> np.ndarray:
+        """Blending weights (h, w) of tile ``t``, normalised: summed over all tiles they are 1 per pixel."""
+        i, j = t
+        r0, c0, h, w = self.bbox(t)
+        wr = self.row_w[i] / self.row_norm[r0:r0 + h]
+        wc = self.col_w[j] / self.col_norm[c0:c0 + w]
+        return (wr[:, None] * wc[None, :]).astype(np.float32)
+
+
+def plan_tiles(shape: tuple[int, int], tile: int = 64, overlap: int = 16, mask: np.ndarray | None = None,
+               multiple: int = 1) -> TilePlan:
+    """Plan ``tile``-pixel windows overlapping by ``overlap`` over an HR raster of ``shape``.
+
+    ``tile`` is rounded up to a multiple of ``multiple`` (the network's padding multiple); windows larger than
+    the raster shrink to it. With ``mask`` (H, W) only windows containing tissue are kept."""
+    H, W = int(shape[0]), int(shape[1])
+    tile = int(tile)
+    overlap = int(overlap)
+    if tile < 4 or overlap < 0 or overlap >= tile:
+        raise ValueError(f"need tile ≥ 4 and 0 ≤ overlap < tile (got tile={tile}, overlap={overlap})")
+    m = max(1, int(multiple))
+    tile = int(math.ceil(tile / m) * m)
+    rs, rw, rn = axis_windows(H, tile, overlap)
+    cs, cw, cn = axis_windows(W, tile, overlap)
+    th, tw = min(tile, H), min(tile, W)
+    plan = TilePlan((H, W), (th, tw), overlap, rs, cs, rw, cw, rn, cn)
+    for i, r0 in enumerate(rs):
+        for j, c0 in enumerate(cs):
+            if mask is None or bool(np.asarray(mask[r0:r0 + th, c0:c0 + tw]).any()):
+                plan.tiles.append((i, j))
+    return plan
+
+
+# ------------------------------------------------------------------------------------------ noise
+class PositionNoise:
+    """Standard-normal noise locked to slide positions: the value at HR pixel (r, c) of gene g for sample m at
+    reverse step i is the same whichever tile asks for it. Generated in ``block × block`` pieces
+    (NumPy PCG64 seeded by ``(seed, m, i, block row, block col)``), never for the whole slide."""
+
+    def __init__(self, seed: int, G: int, block: int = NOISE_BLOCK):
+        self.seed, self.G, self.block = int(seed) & 0xFFFFFFFF, int(G), int(block)
+
+    def _block(self, m: int, i: int, br: int, bc: int) -> np.ndarray:
+        rng = np.random.default_rng([self.seed, int(m), int(i) + 1, int(br), int(bc)])
+        return rng.standard_normal((self.G, self.block, self.block), dtype=np.float32)
+
+    def crop(self, m: int, i: int, r0: int, c0: int, h: int, w: int) -> np.ndarray:
+        """(G, h, w) noise of sample ``m`` at step ``i`` (−1 = x_T) for the window at (r0, c0)."""
+        B = self.block
+        out = np.empty((self.G, h, w), np.float32)
+        for br in range(r0 // B, (r0 + h - 1) // B + 1):
+            for bc in range(c0 // B, (c0 + w - 1) // B + 1):
+                blk = self._block(m, i, br, bc)
+                a0, a1 = max(r0, br * B), min(r0 + h, (br + 1) * B)
+                b0, b1 = max(c0, bc * B), min(c0 + w, (bc + 1) * B)
+                out[:, a0 - r0:a1 - r0, b0 - c0:b1 - c0] = blk[:, a0 - br * B:a1 - br * B, b0 - bc * B:b1 - bc * B]
+        return out
+
+
+# ------------------------------------------------------------------------------------------ sources
+def _crop(a: np.ndarray, r0: int, c0: int, h: int, w: int, fill: float = 0.0) -> np.ndarray:
+    """``a[..., r0:r0+h, c0:c0+w]`` with ``fill`` outside."""
+    out = np.full(a.shape[:-2] + (h, w), fill, a.dtype)
+    H, W = a.shape[-2:]
+    rr0, rr1, cc0, cc1 = max(r0, 0), min(r0 + h, H), max(c0, 0), min(c0 + w, W)
+    if rr1 > rr0 and cc1 > cc0:
+        out[..., rr0 - r0:rr1 - r0, cc0 - c0:cc1 - c0] = a[..., rr0:rr1, cc0:cc1]
+    return out
+
+
+def _upsample_crop(lr: np.ndarray, lr_mask: np.ndarray, s: int, r0: int, c0: int, h: int, w: int,
+                   mode: str, margin: int = 8) -> np.ndarray:
+    """The LR map upsampled ``s``× on the HR window (r0, c0, h, w), computed from an LR crop with ``margin``
+    LR pixels of context (nearest / bilinear / the edge-aware cubic of :meth:`SRField.lr_upsampled`)."""
+    if mode == "nearest":
+        a0, b0 = r0 // s, c0 // s
+        a1, b1 = (r0 + h - 1) // s + 1, (c0 + w - 1) // s + 1
+        sub = _crop(lr, a0, b0, a1 - a0, b1 - b0)
+        up = np.repeat(np.repeat(sub, s, axis=1), s, axis=2)
+        return up[:, r0 - a0 * s:r0 - a0 * s + h, c0 - b0 * s:c0 - b0 * s + w]
+    a0, b0 = r0 // s - margin, c0 // s - margin
+    a1, b1 = (r0 + h - 1) // s + 1 + margin, (c0 + w - 1) // s + 1 + margin
+    hL, wL = lr.shape[1:]
+    a0c, b0c, a1c, b1c = max(a0, 0), max(b0, 0), min(a1, hL), min(b1, wL)
+    sub, subm = lr[:, a0c:a1c, b0c:b1c], lr_mask[a0c:a1c, b0c:b1c]
+    if mode == "cubic":
+        from .baselines import cubic_upsample
+
+        up = cubic_upsample(sub, s, subm, order=3)
+    elif mode == "bilinear":
+        import torch
+        import torch.nn.functional as F
+
+        t = torch.from_numpy(np.ascontiguousarray(sub, np.float32))[None]
+        up = F.interpolate(t, scale_factor=s, mode="bilinear", align_corners=False)[0].numpy()
+    else:
+        raise ValueError(f"unknown upsample {mode!r}; expected 'nearest', 'bilinear' or 'cubic'")
+    return _crop(up, r0 - a0c * s, c0 - b0c * s, h, w)
+
+
+class TileSource:
+    """What the tiled sampler needs from a section: LR maps, masks, and the model condition of a window."""
+
+    genes: list
+    scale: int
+    he_per_hr: int
+    hr_um: float
+    gene_scale: np.ndarray
+    lr: np.ndarray          # (G, h, w) model units
+    lr_mask: np.ndarray     # (h, w) bool
+    hr_mask: np.ndarray     # (H, W) bool
+    hr_affine: np.ndarray   # HR pixel index (col, row, 1) → full-res image px
+    name: str = "section"
+
+    @property
+    def G(self) -> int:
+        return len(self.genes)
+
+    @property
+    def hr_shape(self) -> tuple[int, int]:
+        return (self.lr.shape[1] * self.scale, self.lr.shape[2] * self.scale)
+
+    def he_tile(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def cond_tile(self, r0: int, c0: int, h: int, w: int, upsample: str = "cubic") -> dict:
+        """Numpy condition of one window: ``lr_up`` (G, h, w) in [-1, 1], ``lr_mask`` / ``hr_mask`` (1, h, w),
+        ``he`` (3, h·k, w·k) in [0, 1] — the same values :func:`napari_diffst.pipeline.cond_from_field` gives
+        for that window of the whole field (up to the LR context margin)."""
+        s = self.scale
+        lr_up = _upsample_crop(self.lr, self.lr_mask, s, r0, c0, h, w, upsample) * 2 - 1
+        lm = np.repeat(np.repeat(self.lr_mask.astype(np.float32), s, 0), s, 1)
+        return {"lr_up": lr_up.astype(np.float32),
+                "lr_mask": _crop(lm[None], r0, c0, h, w),
+                "hr_mask": _crop(self.hr_mask.astype(np.float32)[None], r0, c0, h, w),
+                "he": self.he_tile(r0, c0, h, w)}
+
+
+class FieldSource(TileSource):
+    """Tiles of an in-memory :class:`~napari_diffst.data.pairs.SRField` (its H&E raster already sampled)."""
+
+    def __init__(self, fld: SRField):
+        self.field = fld
+        self.name = fld.name
+        self.genes, self.scale, self.he_per_hr = list(fld.genes), int(fld.scale), int(fld.he_per_hr)
+        self.hr_um, self.gene_scale = float(fld.hr_um), np.asarray(fld.gene_scale, np.float32)
+        self.lr, self.lr_mask, self.hr_mask = fld.lr, np.asarray(fld.lr_mask, bool), np.asarray(fld.hr_mask, bool)
+        self.hr_affine = np.asarray(fld.extra.get("hr_affine", np.eye(3)), float)
+        self.um_per_px = float(fld.um_per_px)
+
+    def he_tile(self, r0, c0, h, w):
+        k = self.he_per_hr
+        return _crop(self.field.he, r0 * k, c0 * k, h * k, w * k)
+
+
+class SlideSource(TileSource):
+    """A section read lazily: LR maps and masks from :func:`~napari_diffst.data.grids.make_field`
+    (``with_he=False``; ``mode='native'`` super-resolves the observed spots), the H&E of each window
+    sampled from the image on demand (:func:`~napari_diffst.data.grids.sample_image`)."""
+
+    def __init__(self, sample, fld: SRField):
+        self.sample = sample
+        self.name = fld.name
+        self.genes, self.scale, self.he_per_hr = list(fld.genes), int(fld.scale), int(fld.he_per_hr)
+        self.hr_um, self.gene_scale = float(fld.hr_um), np.asarray(fld.gene_scale, np.float32)
+        self.lr, self.lr_mask, self.hr_mask = fld.lr, np.asarray(fld.lr_mask, bool), np.asarray(fld.hr_mask, bool)
+        self.hr_affine = np.asarray(fld.extra["hr_affine"], float)
+        self.um_per_px = float(fld.um_per_px)
+        # H&E pixel (col, row) → spot-frame px (sample_image applies sample.transform on top)
+        T = np.asarray(sample.transform, float)
+        self._A_he_spot = np.linalg.inv(T) @ np.asarray(fld.extra["he_affine"], float)
+        self.extra = {k: v for k, v in fld.extra.items() if k in ("pitch_um", "lr_um", "he_um_per_px", "mode")}
+
+    @classmethod
+    def from_sample(cls, sample, genes: Sequence[str], scale: int, *, gene_scale=None, mode: str = "native",
+                    he_per_hr: int | None = None, he_um_per_px: float | None = None, **kw) -> "SlideSource":
+        from .data.grids import make_field
+
+        fld = make_field(sample, genes, scale, mode=mode, gene_scale=gene_scale, he_per_hr=he_per_hr,
+                         he_um_per_px=he_um_per_px, with_he=False, **kw)
+        fld.he = np.zeros((3, 0, 0), np.float32)  # never materialise the slide-sized H&E raster
+        return cls(sample, fld)
+
+    def he_tile(self, r0, c0, h, w):
+        from .data.grids import sample_image
+
+        k = self.he_per_hr
+        shift = np.array([[1, 0, c0 * k], [0, 1, r0 * k], [0, 0, 1]], float)
+        if self.sample.image is None:
+            return np.zeros((3, h * k, w * k), np.float32)
+        return sample_image(self.sample, self._A_he_spot @ shift, (h * k, w * k))
+
+
+# ------------------------------------------------------------------------------------------ sampling
+@dataclass
+class TiledResult:
+    """Output of a tiled run: in memory (``mean``/``std`` in model units, 0 outside tissue) or the OME-Zarr
+    ``path`` (log1p CP10k, NaN outside tissue; the genes, then one 'uncertainty' channel per gene)."""
+
+    genes: list
+    hr_um: float
+    hr_shape: tuple[int, int]
+    gene_scale: np.ndarray
+    n_tiles: int
+    steps: int
+    n_samples: int
+    seconds: float
+    denoiser_calls: int
+    mean: np.ndarray | None = None
+    std: np.ndarray | None = None
+    path: Path | None = None
+
+    def expression(self) -> np.ndarray:
+        if self.mean is None:
+            raise ValueError("the maps were written to OME-Zarr; read them with napari_diffst.io.read_maps")
+        return self.mean * np.asarray(self.gene_scale, np.float32)[:, None, None]
+
+
+def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overlap: int = 16, steps: int = 20,
+                             n_samples: int = 2, seed: int = 0, sampler: str = "ddpm", eta: float = 0.0,
+                             batch_tiles: int = 4, out: str | Path | None = None, ngff_version: str = "0.4",
+                             device=None, amp: bool | str = "auto", upsample: str | None = None,
+                             with_std: bool = True, should_stop=None) -> Iterator[dict]:
+    """Generator: super-resolve ``source`` tile by tile. Yields after every reverse step
+    ``{'done', 'total', 'tiles_done', 'n_tiles', 'i', 'n_steps', 'bboxes'}`` (cancel by stopping the iteration
+    or with ``should_stop()``; an OME-Zarr target is then left untouched), and finally ``{'result': TiledResult}``.
+
+    ``out``: an OME-Zarr path → tiles are blended into the store (memory bounded by the tile batch); None →
+    in-memory maps (G, H, W). ``batch_tiles`` windows × ``n_samples`` samples share one sampler call."""
+    import torch
+
+    from .diffusion.samplers import diffusion_for_model, sample_progressive
+    from .diffusion.schedule import to_model_units
+
+    G = source.G
+    if G != model.config.get("n_genes", G):
+        raise DataFormatError(None, f"the model was trained for {model.config['n_genes']} genes, the data has {G}",
+                              "the checkpoint's gene panel")
+    if int(model.config.get("he_per_hr", source.he_per_hr)) != source.he_per_hr:
+        raise DataFormatError(None, f"the model expects {model.config['he_per_hr']} H&E px per HR px, the slide "
+                              f"source has {source.he_per_hr}", "the checkpoint's he_per_hr")
+    if device is None:
+        device = next(model.parameters()).device
+    device = torch.device(device)
+    if amp == "auto":
+        amp = device.type == "cuda"
+    if upsample is None:
+        upsample = (model.config.get("diffusion") or {}).get("upsample", "nearest")
+    model.eval()
+    diffusion = diffusion_for_model(model)
+    if steps and steps < diffusion.num_timesteps:
+        diffusion = diffusion.respace(int(steps))
+    n = diffusion.num_timesteps
+    M = max(1, int(n_samples))
+    H, W = source.hr_shape
+    plan = plan_tiles((H, W), tile, overlap, mask=source.hr_mask, multiple=getattr(model, "pad_multiple", 1))
+    th, tw = plan.tile
+    bt = max(1, int(batch_tiles))
+    batches = [plan.tiles[i:i + bt] for i in range(0, plan.n_tiles, bt)]
+    total = n * len(batches)
+    noise = PositionNoise(seed, G)
+    t_start = time.perf_counter()
+
+    writer = None
+    mean_acc = std_acc = None
+    if out is not None:
+        from .io.writers import OmeZarrWriter
+
+        A, um_px = source.hr_affine, float(getattr(source, "um_per_px", 1.0))
+        origin_um = (float(A[1, 2]) * um_px, float(A[0, 2]) * um_px)
+        writer = OmeZarrWriter(out, (G * (2 if with_std else 1), H, W), source.genes, source.hr_um, origin_um,
+                               extra_channels=["uncertainty"] if with_std else [], ngff_version=ngff_version,
+                               chunks=(1, 256, 256),
+                               metadata={"source": source.name, "scale": source.scale, "steps": n,
+                                         "n_samples": M, "tile": [th, tw], "overlap": plan.overlap,
+                                         "gene_scale": [float(x) for x in source.gene_scale],
+                                         "hr_affine_px": np.asarray(A).tolist(), "um_per_px_fullres": um_px,
+                                         "units": "log1p(CP10k)"})
+    else:
+        mean_acc = np.zeros((G, H, W), np.float32)
+        std_acc = np.zeros((G, H, W), np.float32) if with_std else None
+    gs = np.asarray(source.gene_scale, np.float32)[:, None, None]
+    done = 0
+    calls = 0
+    finished = False
+    try:
+        with torch.no_grad():
+            for bi, batch in enumerate(batches):
+                boxes = [plan.bbox(t) for t in batch]
+                conds = [source.cond_tile(r0, c0, h, w, upsample) for r0, c0, h, w in boxes]
+                # rows: tile-major, M samples per tile
+                cond = {key: torch.from_numpy(np.stack([c[key] for c in conds for _ in range(M)])).to(device)
+                        for key in conds[0]}
+                rows = len(boxes) * M
+
+                def noise_fn(i, shape, boxes=boxes):
+                    arr = np.stack([noise.crop(m, i, r0, c0, h, w) for (r0, c0, h, w) in boxes for m in range(M)])
+                    return torch.from_numpy(arr)
+
+                x, last_i = None, -1
+                for st in sample_progressive(model, (rows, G, th, tw), cond, diffusion, sampler=sampler, eta=eta,
+                                             device=device, amp=amp, noise_fn=noise_fn, should_stop=should_stop):
+                    done += 1
+                    calls += 1
+                    x, last_i = st["x_t"], st["i"]
+                    yield {"done": done, "total": total, "tiles_done": bi * bt, "n_tiles": plan.n_tiles,
+                           "i": st["i"], "n_steps": n, "bboxes": boxes}
+                if x is None or last_i != n - 1:
+                    raise CancelledError("tiled super-resolution cancelled")
+                v = to_model_units(x).double().cpu().numpy().reshape(len(boxes), M, G, th, tw)
+                mu = v.mean(axis=1)
+                sd = v.std(axis=1) if with_std else None
+                for k, t in enumerate(batch):
+                    r0, c0, h, w = boxes[k]
+                    wgt = plan.weight(t)
+                    hm = source.hr_mask[r0:r0 + h, c0:c0 + w]
+                    tile_mu = (mu[k] * wgt).astype(np.float32)
+                    tile_sd = (sd[k] * wgt).astype(np.float32) if with_std else None
+                    if writer is not None:  # the OME-Zarr holds expression units, NaN outside tissue
+                        tile_mu *= gs
+                        tile_mu[:, ~hm] = np.nan
+                        writer.add_tile(r0, c0, tile_mu, channels=slice(0, G))
+                        if with_std:
+                            tile_sd *= gs
+                            tile_sd[:, ~hm] = np.nan
+                            writer.add_tile(r0, c0, tile_sd, channels=slice(G, 2 * G))
+                    else:
+                        mean_acc[:, r0:r0 + h, c0:c0 + w] += tile_mu * hm
+                        if with_std:
+                            std_acc[:, r0:r0 + h, c0:c0 + w] += tile_sd * hm
+        path = writer.close() if writer is not None else None
+        finished = True
+    finally:
+        if writer is not None and not finished:
+            writer.abort()
+    res = TiledResult(list(source.genes), float(source.hr_um), (H, W), np.asarray(source.gene_scale), plan.n_tiles,
+                      n, M, time.perf_counter() - t_start, calls * 1, mean_acc, std_acc, path)
+    yield {"result": res}
+
+
+def super_resolve_tiled(model, source: TileSource, **kw) -> TiledResult:
+    """Run :func:`super_resolve_tiled_iter` to the end."""
+    res = None
+    for ev in super_resolve_tiled_iter(model, source, **kw):
+        res = ev.get("result", res)
+    if res is None:
+        raise CancelledError("tiled super-resolution did not finish")
+    return res
