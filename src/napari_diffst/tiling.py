@@ -34,7 +34,7 @@ import numpy as np
 from .data.pairs import SRField
 from .errors import CancelledError, DataFormatError
 
-__all__ = ["TilePlan", "plan_tiles", "axis_windows", "PositionNoise", "FieldSource", "SlideSource",
+__all__ = ["TilePlan", "plan_tiles", "axis_windows", "seam_ratio", "PositionNoise", "FieldSource", "SlideSource",
            "TiledResult", "super_resolve_tiled_iter", "super_resolve_tiled"]
 
 NOISE_BLOCK = 32
@@ -129,6 +129,29 @@ def plan_tiles(shape: tuple[int, int], tile: int = 64, overlap: int = 16, mask: 
             if mask is None or bool(np.asarray(mask[r0:r0 + th, c0:c0 + tw]).any()):
                 plan.tiles.append((i, j))
     return plan
+
+
+def seam_ratio(maps: np.ndarray, plan: TilePlan, mask: np.ndarray) -> float:
+    """Mean |difference| between horizontally and vertically adjacent in-tissue pixels that straddle a tile
+    border (a window starts or ends there), divided by the same mean away from borders. ≈ 1: no seam."""
+    maps = np.asarray(maps, np.float64)
+    mask = np.asarray(mask, bool)
+    vals = []
+    for axis, starts, size in ((2, plan.col_starts, plan.tile[1]), (1, plan.row_starts, plan.tile[0])):
+        n = maps.shape[axis]
+        d = np.abs(np.diff(maps, axis=axis))
+        ok = (mask[:, 1:] & mask[:, :-1]) if axis == 2 else (mask[1:, :] & mask[:-1, :])
+        border = np.zeros(n - 1, bool)
+        for s0 in starts[1:]:
+            border[s0 - 1] = True          # between s0 - 1 and s0: a window starts
+        for s0 in starts[:-1]:
+            if s0 + size - 1 < n - 1:
+                border[s0 + size - 1] = True  # a window ends
+        b = border[None, :] if axis == 2 else border[:, None]
+        vals.append((d[:, ok & b].sum(), (ok & b).sum() * d.shape[0], d[:, ok & ~b].sum(), (ok & ~b).sum() * d.shape[0]))
+    at = sum(v[0] for v in vals) / max(sum(v[1] for v in vals), 1)
+    inside = sum(v[2] for v in vals) / max(sum(v[3] for v in vals), 1)
+    return float(at / inside) if inside > 0 else float("nan")
 
 
 # ------------------------------------------------------------------------------------------ noise
@@ -320,13 +343,15 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
                              n_samples: int = 2, seed: int = 0, sampler: str = "ddpm", eta: float = 0.0,
                              batch_tiles: int = 4, out: str | Path | None = None, ngff_version: str = "0.4",
                              device=None, amp: bool | str = "auto", upsample: str | None = None,
-                             with_std: bool = True, should_stop=None) -> Iterator[dict]:
+                             with_std: bool = True, should_stop=None, noise: str = "position") -> Iterator[dict]:
     """Generator: super-resolve ``source`` tile by tile. Yields after every reverse step
     ``{'done', 'total', 'tiles_done', 'n_tiles', 'i', 'n_steps', 'bboxes'}`` (cancel by stopping the iteration
     or with ``should_stop()``; an OME-Zarr target is then left untouched), and finally ``{'result': TiledResult}``.
 
     ``out``: an OME-Zarr path → tiles are blended into the store (memory bounded by the tile batch); None →
-    in-memory maps (G, H, W). ``batch_tiles`` windows × ``n_samples`` samples share one sampler call."""
+    in-memory maps (G, H, W). ``batch_tiles`` windows × ``n_samples`` samples share one sampler call.
+    ``noise``: ``'position'`` (default; one noise field locked to slide positions, shared by overlapping tiles)
+    or ``'tile'`` (independent noise per tile — only for measuring what the shared field buys)."""
     import torch
 
     from .diffusion.samplers import diffusion_for_model, sample_progressive
@@ -358,7 +383,14 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
     bt = max(1, int(batch_tiles))
     batches = [plan.tiles[i:i + bt] for i in range(0, plan.n_tiles, bt)]
     total = n * len(batches)
-    noise = PositionNoise(seed, G)
+    if noise not in ("position", "tile"):
+        raise ValueError(f"noise must be 'position' or 'tile', not {noise!r}")
+    pnoise = PositionNoise(seed, G)
+
+    def crop_noise(m, i, r0, c0, h, w):
+        if noise == "position":
+            return pnoise.crop(m, i, r0, c0, h, w)
+        return PositionNoise(int(seed) * 1000003 + r0 * 7919 + c0 * 104729, G).crop(m, i, 0, 0, h, w)
     t_start = time.perf_counter()
 
     writer = None
@@ -394,7 +426,7 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
                 rows = len(boxes) * M
 
                 def noise_fn(i, shape, boxes=boxes):
-                    arr = np.stack([noise.crop(m, i, r0, c0, h, w) for (r0, c0, h, w) in boxes for m in range(M)])
+                    arr = np.stack([crop_noise(m, i, r0, c0, h, w) for (r0, c0, h, w) in boxes for m in range(M)])
                     return torch.from_numpy(arr)
 
                 x, last_i = None, -1

@@ -30,6 +30,7 @@ BASELINE_TEXT = {
     "tesla": "TESLA-style (colour-weighted)",
     "istar": "iStar-style (weak supervision)",
     "unet": "U-Net (supervised)",
+    "histosge": "HisToSGE-style (spot regressor)",
 }
 FORMATS = (("ome-zarr", "OME-Zarr (.ome.zarr)", ".ome.zarr"), ("tiff", "OME-TIFF (.ome.tif)", ".ome.tif"),
            ("h5ad", "AnnData (.h5ad)", ".h5ad"))
@@ -152,7 +153,7 @@ class CompareSection(Section):
         job = Job("compare")
         train = self.state.train_fields or []
         names = self.baselines()
-        if not [f for f in train if f.hr is not None] and any(n in ("tesla", "istar", "unet") for n in names):
+        if not [f for f in train if f.hr is not None] and any(n in ("tesla", "istar", "unet", "histosge") for n in names):
             notify_warning("No training fields in this session (checkpoint loaded from disk): learned baselines "
                            "fit on the compared field's own LR only.")
         gen = compare_job(job, self.result, names, train, budget=self.budget_combo.currentText())
