@@ -1,7 +1,8 @@
 """The "Super-resolve ST" dock driven end to end in a *shown* napari viewer (run under xvfb-run).
 
 Each step asserts on layers and widget state. A QTimer probe (10 ms) measures the longest main-thread
-stall while training and sampling run in thread workers (the dock must stay responsive: < 100 ms).
+stall from the click on Train / Super-resolve until the run has ended (the dock must stay responsive:
+< 100 ms) and, separately, what follows (result layers being added).
 Screenshots for docs/user_guide.md are written to docs/images/guide_*.png."""
 from __future__ import annotations
 
@@ -54,12 +55,27 @@ def open_dock(viewer, width: int = 470):
     return w
 
 
+def _schedstat(tid: int | None = None) -> tuple[float, float] | None:
+    """(seconds on a CPU, seconds runnable but waiting for a CPU) of thread ``tid`` (default: the calling
+    thread) from Linux's schedstat; None where that is not available."""
+    import threading
+
+    try:
+        with open(f"/proc/self/task/{tid or threading.get_native_id()}/schedstat") as f:
+            on_cpu, wait = f.read().split()[:2]
+        return int(on_cpu) / 1e9, int(wait) / 1e9
+    except (OSError, ValueError):
+        return None
+
+
 class StallProbe:
     """Longest gap between 10 ms QTimer ticks = the longest time the main thread did not run its loop.
 
-    ``run(qtbot, button, runner_of)`` clicks, times the click handler separately (it creates napari's
-    activity-dock progress bar, which itself calls ``processEvents``), then probes until the job's worker
-    has finished (the probe stops from the worker's ``finished`` signal, before result layers are added)."""
+    ``run(qtbot, button, section)`` starts the probe, clicks (the click handler is inside the measured
+    window: it is the first gap) and probes until the section's job has ended — the probe stops when the
+    runner calls the section's ``on_done`` (after the worker's last event and the final UI tick). What
+    follows (the end-of-run repaint; result layers being added) is measured by ``after``, a second probe that
+    runs until the section is idle (:func:`wait_idle`)."""
 
     def __init__(self, interval_ms: int = 10):
         from qtpy.QtCore import QTimer
@@ -73,19 +89,42 @@ class StallProbe:
         self.n = 0
         self.click_s = 0.0
         self.t0 = 0.0
-        self.gaps = []  # (start s, gap s) for gaps > 50 ms
+        # gaps > 50 ms: (start s, length ms, main thread on a CPU ms, main thread waiting for a CPU ms,
+        # worker thread waiting for a CPU ms). The rest of a gap the main thread was blocked: on the GIL
+        # (held by the worker), or on the GL rasteriser threads and the X server (a window flush).
+        self.gaps = []
+        self.worst_rest = 0.0  # the longest gap less the longer of the two threads' waits for a CPU
+        self.worker_tid = None  # callable → the worker thread's native id (or None)
+        self._main = self._worker = (0.0, 0.0)
+        self._wtid = None
+        self.after = None
 
     def _tick(self):
         now = time.perf_counter()
+        main = _schedstat() or (0.0, 0.0)
+        tid = self.worker_tid() if self.worker_tid else None
+        worker = (_schedstat(tid) if tid else None) or self._worker
+        if tid != self._wtid:  # the worker thread is known from now on: its counters start here
+            self._wtid, self._worker = tid, worker
         if self.last is not None and now - self.last > 0.05:
-            self.gaps.append((round(self.last - self.t0, 2), round(now - self.last, 3)))
+            gap = (now - self.last) * 1e3
+            cpu, wait = ((a - b) * 1e3 for a, b in zip(main, self._main))
+            wwait = max(0.0, worker[1] - self._worker[1]) * 1e3
+            rest = gap - min(gap, max(wait, wwait))  # (max: the two waits may overlap)
+            self.gaps.append((round(self.last - self.t0, 2), round(gap), round(cpu), round(wait), round(wwait)))
+            self.worst_rest = max(self.worst_rest, rest / 1e3)
+        elif self.last is not None:
+            self.worst_rest = max(self.worst_rest, now - self.last)
         if self.last is not None and now - self.last > self.worst:
             self.worst, self.worst_at = now - self.last, self.last - self.t0
         self.last = now
+        self._main, self._worker = main, worker
         self.n += 1
 
     def start(self):
         self.t0 = self.last = time.perf_counter()
+        self._main = _schedstat() or (0.0, 0.0)
+        self._worker = (0.0, 0.0)
         self.t.start()
 
     def stop(self, *_):
@@ -94,15 +133,34 @@ class StallProbe:
             self.t.stop()
 
     def run(self, qtbot, button, section, timeout=120_000):
+        self.start()
         t = time.perf_counter()
         button.click()
         self.click_s = time.perf_counter() - t
         runner = section.runner
-        runner.worker.finished.connect(self.stop)
-        self.start()
+        self.worker_tid = lambda: runner.job.info.get("tid")
+        on_done = runner.on_done
+        self.after = StallProbe()
+
+        def stop_then_done():
+            self.stop()
+            self.after.start()
+            if on_done is not None:
+                on_done()
+
+        runner.on_done = stop_then_done
         qtbot.waitUntil(lambda: runner.finished, timeout=timeout)
         self.stop()
+        wait_idle(qtbot, section, timeout=timeout)
+        self.after.stop()
         return self
+
+    def summary(self) -> str:
+        a = self.after
+        return (f"worst {self.worst * 1e3:.0f} ms (at +{self.worst_at:.2f} s), {self.worst_rest * 1e3:.0f} ms less "
+                f"the wait for a CPU; click handler {self.click_s * 1e3:.0f} ms; {self.n} ticks; gaps > 50 ms "
+                f"(start s, ms, main on a CPU ms, main waiting for a CPU ms, worker waiting for a CPU ms): "
+                f"{self.gaps}. After the run (until idle): worst {a.worst * 1e3:.0f} ms, gaps > 50 ms: {a.gaps}")
 
 
 def wait_idle(qtbot, section, timeout=120_000):
@@ -239,6 +297,13 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
     # 4 · Train (tiny budget, 4 steps) with the stall probe ---------------------------------------
     tr = sec["train"]
     assert tr.device_label.text().find("CPU") >= 0 and "CUDA is not available" in tr.device_label.toolTip()
+    import torch as _torch
+
+    choices = [tr.device_combo.itemText(i) for i in range(tr.device_combo.count())]
+    assert choices[:2] == ["auto", "cpu"] and tr.device == "auto" == st.device
+    assert any(c.startswith("cuda") for c in choices) == _torch.cuda.is_available()
+    tr.device_combo.setCurrentText("cpu")
+    assert st.device == "cpu" and "CPU" in tr.device_label.text()
     tr.budget_combo.setCurrentIndex(0)
     tr.steps_spin.setValue(4)
     tr.batch_spin.setValue(2)
@@ -247,15 +312,18 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
     tr.ckpt_edit.setText(str(ck))
     assert tr.train_btn.isEnabled()
     qtbot.waitUntil(lambda: not w.warmup.is_alive(), timeout=60_000)  # the dock pre-imports torch parts
+    import os
+
+    load0 = os.getloadavg()[0]
     probe_train = StallProbe()
     probe_train.run(qtbot, tr.train_btn, tr)
-    wait_idle(qtbot, tr)
     steps = [ev for ev in tr.history if ev.kind == "step"]
     assert [ev.step for ev in steps] == [1, 2, 3, 4]
-    assert tr.history[-1].kind == "done"
+    assert tr.history[-1].kind == "done" and tr.run_device == "cpu"
     assert (ck / "model.pt").is_file() and st.checkpoint == str(ck)
     assert len(tr.plot.series["loss"][0]) == 4 and "mse" in tr.plot.series
-    assert tr.plot.n_draws >= 1
+    assert tr.plot.n_draws >= 1 and tr.plot.legend_text().startswith("━ loss")
+    assert tr.progress.value() == tr.progress.maximum() == 4
     assert "Finished 4 steps" in tr.eta_label.text()
     assert st.train_fields and st.train_fields[0].hr is not None
     assert not st.busy and tr.train_btn.isEnabled()
@@ -269,9 +337,13 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
     n_before = len(viewer.layers)
     probe_sample = StallProbe()
     probe_sample.run(qtbot, sm.run_btn, sm)
-    wait_idle(qtbot, sm)
     assert sm.n_previews >= 2  # at least the first and the last reverse step were previewed
-    assert sm.preview.isVisible() and sm.preview_image.shape[:2] == sm.result.field.hr_shape
+    from napari_diffst._widgets.sample_section import PREVIEW_PX
+
+    hr_shape = sm.result.field.hr_shape
+    k = -(-max(hr_shape) // PREVIEW_PX)  # previews are downsampled to at most PREVIEW_PX per side
+    assert sm.preview.isVisible() and sm.preview_image.shape[:2] == tuple(-(-n // k) for n in hr_shape)
+    assert sm.preview.pixmap() is not None and sm.progress.value() == sm.progress.maximum() == 8
     sr = sm.layers_for("sr")
     unc = sm.layers_for("sr_uncertainty")
     assert [ly.metadata["gene"] for ly in sr] == genes and len(unc) == 3
@@ -366,24 +438,29 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
 
     STALLS["train"] = probe_train.worst
     STALLS["sample"] = probe_sample.worst
-    import os
-
     load = os.getloadavg()[0]
-    print(f"\nworst main-thread stall while the worker ran: training {probe_train.worst * 1e3:.0f} ms "
-          f"(at +{probe_train.worst_at:.1f} s, {probe_train.n} ticks), sampling {probe_sample.worst * 1e3:.0f} ms "
-          f"(at +{probe_sample.worst_at:.1f} s, {probe_sample.n} ticks); "
-          f"click handlers {probe_train.click_s * 1e3:.0f} / "
-          f"{probe_sample.click_s * 1e3:.0f} ms; load average {load:.1f} on {os.cpu_count()} CPUs")
-    print("gaps > 50 ms (start, length):", probe_train.gaps, probe_sample.gaps)
-    print("train events (s after start):", [(ev.kind, ev.step, round(ev.elapsed_s, 2)) for ev in tr.history])
+    print(f"\nmain-thread stalls, load average {load:.1f} on {os.cpu_count()} CPUs")
+    print("  training:", probe_train.summary())
+    print("  sampling:", probe_sample.summary())
+    print("  train events (s after start):", [(ev.kind, ev.step, round(ev.elapsed_s, 2)) for ev in tr.history])
     assert probe_train.n > 20 and probe_sample.n > 20
-    # The issue's target is < 100 ms. Under Xvfb with software GL (llvmpipe: canvas redraws run on the CPU)
-    # the measured worst stall varies between runs (52–119 ms seen on an idle 2-core machine), so the hard
-    # assertion here is a freeze guard (250 ms: e.g. a checkpoint loaded or a model built on the main thread
-    # would exceed it); the measured figure is printed above and reported in the issue note.
-    bound = 0.25
-    assert probe_train.worst < bound, f"main thread stalled {probe_train.worst * 1e3:.0f} ms during training"
-    assert probe_sample.worst < bound, f"main thread stalled {probe_sample.worst * 1e3:.0f} ms during sampling"
+    # The issue's bound: < 100 ms from the click until the run has ended. Every widget change repaints and
+    # flushes the whole viewer window (a GL canvas inside: 15–60 ms per flush under Mesa llvmpipe), so the
+    # dock applies what the workers report in one repaint per 250 ms tick, shows no animated activity
+    # indicator and no toasts, and does its numpy work in the workers. What the dock cannot control is CPU
+    # time taken by other processes: on a shared, loaded machine the main thread (or the worker while it
+    # holds the GIL) waits for a CPU. So: (1) always, every stall less the time the main thread or the
+    # worker spent waiting for a CPU (Linux schedstat; the longer of the two) is < 100 ms; (2) the
+    # wall-clock stall itself is < 100 ms when the machine had a CPU to spare (load average ≤ CPUs).
+    bound = 0.1
+    for what, p in (("training", probe_train), ("sampling", probe_sample)):
+        assert p.worst_rest < bound, (f"main thread stalled {p.worst_rest * 1e3:.0f} ms during {what} (not "
+                                      f"counting waits for a CPU): {p.summary()}")
+        if max(load0, load) <= (os.cpu_count() or 1):
+            assert p.worst < bound, f"main thread stalled {p.worst * 1e3:.0f} ms during {what}: {p.summary()}"
+        else:
+            print(f"  {what}: load average {max(load0, load):.1f} > {os.cpu_count()} CPUs: the wall-clock "
+                  f"bound is not asserted (worst {p.worst * 1e3:.0f} ms)")
 
 
 # --------------------------------------------------------------------------------------------- persistence
@@ -401,6 +478,7 @@ def test_widget_state_persists_between_sessions(shown_viewer, qtbot, isolated_se
     sm.seed_spin.setValue(11)
     cmp_.set_baselines(["bicubic", "tesla"])
     cmp_.budget_combo.setCurrentText("tiny")
+    tr.device_combo.setCurrentText("cpu")
     assert any(isolated_settings.rglob("*.conf")) or any(isolated_settings.rglob("*.ini"))
     # a new dock (a new napari session reads the same QSettings)
     w2 = SuperResolveWidget(shown_viewer)
@@ -409,6 +487,7 @@ def test_widget_state_persists_between_sessions(shown_viewer, qtbot, isolated_se
     assert g2.scale_spin.value() == 7 and w2.state.scale == 7
     assert (s2.steps_spin.value(), s2.n_spin.value(), s2.seed_spin.value()) == (25, 3, 11)
     assert c2.baselines() == ["bicubic", "tesla"] and c2.budget_combo.currentText() == "tiny"
+    assert t2.device == "cpu" and w2.state.device == "cpu"
     w2.deleteLater()
 
 

@@ -56,6 +56,12 @@ def test_state_signals_and_unwrap(synth):
     assert st.field is None and st.train_fields == [] and seen["reg"] == [s]
     st.set_genes(("ERBB2", "EPCAM"))
     assert seen["genes"] == [["ERBB2", "EPCAM"]] and st.genes == ["ERBB2", "EPCAM"]
+    devs = []
+    st.device_changed.connect(devs.append)
+    assert st.device == "auto"
+    st.set_device("cpu")
+    st.set_device("cpu")  # unchanged: no second emission
+    assert st.device == "cpu" and devs == ["cpu"]
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -78,6 +84,36 @@ def test_helpers_known_answers():
     csv = W.metrics_csv(scores).splitlines()
     assert csv == ["method,gene,pcc,rmse,ssim,detail_pcc", "A,g1,0.4,0.1,0.2,0", "A,g2,0.6,0.1,0.2,0",
                    "A,mean,0.5,0.1,0.2,0"]
+
+
+def test_preview_rgba_and_result_layer_data():
+    lut = np.zeros((256, 4), np.uint8)
+    lut[:, 0] = np.arange(256)
+    lut[:, 3] = 255
+    a = np.zeros((400, 300), np.float32)
+    a[:, 150:] = 2.0
+    mask = np.ones((400, 300), bool)
+    mask[:10] = False
+    img = W.preview_rgba(a, 0.5, mask, lut, max_px=200)  # 400 px > 200: every 2nd pixel
+    assert img.shape == (200, 150, 4) and img.dtype == np.uint8 and img.flags["C_CONTIGUOUS"]
+    assert (img[:5, :, 3] == 0).all() and (img[5:, :, 3] == 255).all()  # transparent outside the mask
+    assert (img[5:, :75, 0] == 0).all() and (img[5:, 75:, 0] == 255).all()  # 0 → lut[0], top → lut[255]
+    assert W.preview_rgba(a, 1.0, None, lut, max_px=400).shape == (400, 300, 4)
+
+    from types import SimpleNamespace
+
+    fld = SimpleNamespace(gene_scale=np.array([2.0, 1.0]), hr_mask=mask)
+    res = SimpleNamespace(field=fld, mean=np.stack([a, a + 1]), std=np.stack([a, a]) * 0.1)
+    d = W.result_layer_data(res)
+    assert np.allclose(d["maps"], W.masked_expression(res.mean, fld.gene_scale, mask), equal_nan=True)
+    assert np.isnan(d["maps"][:, ~mask]).all() and d["std_maps"].shape == (2, 400, 300)
+    assert d["clims"] == [W.contrast_limits(m) for m in d["maps"]] and len(d["std_clims"]) == 2
+
+
+def test_loss_plot_ticks():
+    from napari_diffst._widgets.plots import nice_step
+
+    assert [nice_step(n) for n in (1, 4, 20, 300, 40000)] == [1, 1, 5, 100, 10000]
 
 
 def test_friendly_error_messages():
@@ -152,16 +188,20 @@ def test_sample_job_preview_result_and_cancel(synth, trained):
     s, genes = synth
     ck = trained[0]
     job = W.Job("sample")
-    out = list(W.sample_job(job, ck, s, steps=3, n_samples=2, preview_every_s=3600))
+    lut = np.zeros((256, 4), np.uint8)
+    out = list(W.sample_job(job, ck, s, steps=3, n_samples=2, preview_every_s=3600, preview_lut=lut))
     ready = next(d for d in out if d["kind"] == "ready")
     assert ready["mode"] == "truth" and ready["info"]["genes"] == genes and ready["info"]["scale"] == 5
     prog = [d for d in out if d["kind"] == "progress"]
     assert [d["done"] for d in prog] == list(range(1, 7)) and prog[-1]["total"] == 6
     # previews: the first step, then only the last step of each sample (throttled)
     assert [d["done"] for d in prog if "x0_pred" in d] == [1, 3, 6]
+    assert [d["done"] for d in prog if "preview" in d] == [1, 3, 6]  # rendered in the worker
+    assert all(d["preview"].shape == (*ready["field"].hr_shape, 4) for d in prog if "preview" in d)
     res = out[-1]["result"]
     fld = ready["field"]
     assert out[-1]["kind"] == "result" and res.mean.shape == (len(genes), *fld.hr_shape)
+    assert out[-1]["maps"].shape == res.mean.shape and len(out[-1]["clims"]) == len(genes)  # layer data too
     assert np.all(res.mean[:, ~fld.hr_mask] == 0) and np.all(res.std >= 0)
     assert fld.he_per_hr == ready["info"]["he_per_hr"]
     job2 = W.Job()

@@ -10,23 +10,13 @@ from __future__ import annotations
 import numpy as np
 from qtpy.QtCore import QSortFilterProxyModel, Qt
 from qtpy.QtGui import QBrush, QColor, QStandardItem, QStandardItemModel
-from qtpy.QtWidgets import (QComboBox, QHBoxLayout, QLabel, QLineEdit, QListView, QPushButton, QSpinBox,
-                            QWidget)
+from qtpy.QtWidgets import QComboBox, QLabel, QLineEdit, QListView, QPushButton, QSpinBox
 
 from . import settings
-from ._common import Section, info_label, notify_error
+from ._common import Section, info_label, notify_error, row
 
 RANKINGS = (("hvg", "highly variable (HVG)"), ("moran", "spatially variable (Moran's I)"))
 GENE_ROLE = Qt.UserRole + 1
-
-
-def _row(*widgets, stretch_first=False):
-    w = QWidget()
-    h = QHBoxLayout(w)
-    h.setContentsMargins(0, 0, 0, 0)
-    for i, x in enumerate(widgets):
-        h.addWidget(x, 1 if (stretch_first and i == 0) else 0)
-    return w
 
 
 class GenesSection(Section):
@@ -57,7 +47,7 @@ class GenesSection(Section):
         self.top_spin.setValue(settings.load("genes/top_n", 4, int))
         self.top_btn = QPushButton("Check top")
         self.clear_btn = QPushButton("Clear")
-        self.add_row("Top N", _row(self.top_spin, self.top_btn, self.clear_btn, stretch_first=True))
+        self.add_row("Top N", row(self.top_spin, self.top_btn, self.clear_btn, stretch=0))
         self.by_name = QLineEdit()
         self.by_name.setPlaceholderText("add by name: ERBB2, EPCAM …  (Enter)")
         self.add_row("Add", self.by_name)
@@ -67,7 +57,8 @@ class GenesSection(Section):
         self.scale_spin.setSuffix(" ×")
         self.scale_spin.setValue(settings.load("scale", state.scale, int))
         self.hr_label = QLabel("–")
-        self.add_row("Scale", _row(self.scale_spin, self.hr_label, stretch_first=False))
+        self.hr_label.setWordWrap(True)  # may take two lines in a narrow dock
+        self.add_row("Scale", row(self.scale_spin, self.hr_label, stretch=1))
 
         self.scores = None      # pandas DataFrame from gene_scores
         self.selected: list[str] = []

@@ -12,7 +12,8 @@ from .state import DockState
 WARM_IMPORTS = ("napari_diffst.pipeline", "napari_diffst.train", "napari_diffst.model",
                 "napari_diffst.diffusion.samplers", "napari_diffst.baselines", "napari_diffst.metrics", "napari_diffst.data.registration",
                 "napari_diffst.data.grids", "napari_diffst.io.writers", "torch._dynamo", "torch.onnx",
-                "torch.distributed.tensor", "torch.utils._sympy.functions", "skimage.metrics")
+                "torch.distributed.tensor", "torch.utils._sympy.functions", "skimage.metrics",
+                "torch.profiler._cupti_monitor", "PIL.ImageFile")
 
 
 def warm_imports(names=WARM_IMPORTS) -> list[str]:
@@ -67,6 +68,7 @@ class SuperResolveWidget(QScrollArea):
         self._main_window = None
         self.viewer = napari_viewer
         self.state = DockState()
+        import napari.qt.threading  # noqa: F401 - every run needs it: imported here, not in the first click
         inner = QWidget()
         lay = QVBoxLayout(inner)
         lay.setContentsMargins(4, 4, 4, 4)
@@ -87,9 +89,15 @@ class SuperResolveWidget(QScrollArea):
         self.setWidget(inner)
         self.setWidgetResizable(True)
         self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        # never narrower than the sections need (no horizontal scrolling, nothing clipped)
+        # never narrower than the sections need (no horizontal scrolling, nothing clipped); checked again
+        # when shown, once napari's stylesheet has sized the widgets
+        self._fit_width()
+
+    def _fit_width(self) -> None:
+        inner = self.widget()
         need = inner.minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
-        self.setMinimumWidth(max(400, need))
+        if max(400, need) != self.minimumWidth():
+            self.setMinimumWidth(max(400, need))
 
     def section(self, key: str):
         return self.sections[key]
@@ -102,6 +110,7 @@ class SuperResolveWidget(QScrollArea):
 
     def showEvent(self, event):
         super().showEvent(event)
+        self._fit_width()
         if self._main_window is None:
             w = self.parent()
             while w is not None and not isinstance(w, QMainWindow):

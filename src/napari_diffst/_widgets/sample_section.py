@@ -1,8 +1,10 @@
 """Section 5 — Sample: super-resolve the section with a checkpoint (respaced reverse steps, several samples).
 
 Sampling runs in a napari thread worker (:func:`.workers.sample_job`). While it runs, a preview image
-in the dock shows the network's current denoised estimate x̂₀ of the first gene (updated at most 4×/s;
-kept out of the canvas so that the viewer never re-renders during the run). The result is
+in the dock shows the network's current denoised estimate x̂₀ of the first gene (at most 4×/s; the worker
+renders it as a small RGBA image, the main thread only wraps it in a pixmap; kept out of the canvas so
+that the viewer never re-renders during the run). Events only store what they carry; the runner's UI timer
+applies it (progress bar, preview, status) in one repaint per tick. The result is
 added as image layers, one per gene (``<gene> · Diff-ST``, its own colormap, translucent or additive over
 the H&E, contrast limits in log1p(CP10k), NaN = transparent outside the tissue) plus one uncertainty layer
 per gene (``<gene> · Diff-ST σ``, the standard deviation over samples, hidden). Layers are added one per
@@ -15,28 +17,18 @@ from pathlib import Path
 import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QImage, QPixmap
-from qtpy.QtWidgets import (QComboBox, QFileDialog, QLabel, QLineEdit, QPushButton, QSpinBox,
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QLineEdit, QPushButton, QSpinBox,
                             QToolButton)
 
 from . import settings
-from ._common import Section, info_label, notify_error, notify_info, notify_warning, row as _row
-from .workers import (GENE_COLORMAPS, Job, JobRunner, contrast_limits, masked_expression, raster_layer_kwargs,
-                      sample_job)
+from ._common import (ImageView, Section, StatusText, notify_error, notify_warning, progress_bar,
+                      row as _row, save_later)
+from .workers import GENE_COLORMAPS, Job, JobRunner, colormap_lut, raster_layer_kwargs, sample_job
 
 TARGETS = (("auto", "auto (truth if known, else native)"), ("native", "native: spots → pitch / s"),
            ("degrade", "benchmark: s×s blocks → spots (truth = spots)"))
+#: the live preview's size in the dock (px, longest side); larger maps are downsampled in the worker
 PREVIEW_PX = 200
-
-
-def colormap_image(a: np.ndarray, cmap: str, clim) -> np.ndarray:
-    """(H, W) values → (H, W, 4) uint8 RGBA with a napari colormap; NaN → transparent."""
-    from napari.utils.colormaps import ensure_colormap
-
-    lo, hi = float(clim[0]), float(clim[1])
-    v = np.clip((np.nan_to_num(a, nan=lo) - lo) / max(hi - lo, 1e-12), 0, 1)
-    rgba = ensure_colormap(cmap).map(v.ravel()).reshape(*v.shape, 4)
-    rgba[..., 3] = np.where(np.isfinite(a), 1.0, 0.0)
-    return np.ascontiguousarray((rgba * 255).astype(np.uint8))
 
 
 
@@ -122,11 +114,11 @@ class SampleSection(Section):
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.add_row(None, _row(self.run_btn, self.cancel_btn))
-        self.preview = QLabel()
-        self.preview.setAlignment(Qt.AlignCenter)
+        self.progress = self.add_widget(progress_bar())
+        self.preview = ImageView(PREVIEW_PX)  # shown from the click on: no relayout when previews arrive
         self.preview.setVisible(False)
         self.add_widget(self.preview)
-        self.status = self.add_widget(info_label("Train a model (section 4) or choose a checkpoint."))
+        self.status = self.add_widget(StatusText("Train a model (section 4) or choose a checkpoint.", lines=2))
 
         self.runner: JobRunner | None = None
         self.result = None
@@ -135,6 +127,9 @@ class SampleSection(Section):
         self.mode = None
         self.n_previews = 0
         self.preview_image = None
+        self._pending_preview = None   # (rgba, caption) for the next UI tick
+        self._show_preview = False     # show the preview area at the next UI tick
+        self._status_text = None       # text for the status label at the next UI tick
         self.result_layers: list = []
         self.queue = LayerQueue(viewer, self)
 
@@ -181,17 +176,25 @@ class SampleSection(Section):
         if not Path(ck).expanduser().exists():
             notify_error(f"Checkpoint {ck} not found. Train a model in section 4 or choose a checkpoint folder.")
             return
-        settings.save("sample/checkpoint", ck)
+        save_later([("sample/checkpoint", ck)])  # a QSettings save writes and syncs a file: not in the click
         st.set_busy(True)
         self.queue.hold()
+        self._show_preview = False
         self.n_previews = 0
+        self._pending_preview = self._status_text = None
         self.status.setText("Loading the checkpoint…")
+        self.preview.clear()  # (shown when the checkpoint is loaded: the dock's relayout is not in the click)
+        self.preview.setText("x̂₀ preview of the first gene appears here")
         job = Job("sample")
+        # the first gene's colormap (GENE_COLORMAPS[0]); its lookup table is made here, on the main thread
         gen = sample_job(job, Path(ck).expanduser(), st.sample, steps=self.steps_spin.value(),
                          n_samples=self.n_spin.value(), seed=self.seed_spin.value(),
-                         mode=self.target_combo.currentData())
+                         mode=self.target_combo.currentData(), device=st.device,
+                         preview_lut=colormap_lut(GENE_COLORMAPS[0]),
+                         preview_px=PREVIEW_PX)
         self.runner = JobRunner(self.viewer, job, gen, self._on_event, desc="napari-diffst: super-resolving",
-                                total=self.steps_spin.value() * self.n_spin.value(), on_done=self._on_done)
+                                total=self.steps_spin.value() * self.n_spin.value(), on_done=self._on_done,
+                                bar=self.progress, on_tick=self._refresh)
         self._update_enabled()
 
     def cancel(self):
@@ -199,68 +202,88 @@ class SampleSection(Section):
             self.runner.cancel()
             self.status.setText("Cancelling…")
 
+    def _refresh(self) -> None:
+        """The runner's UI tick (4×/s and once at the end): preview and status, one repaint."""
+        if self._show_preview and not self.preview.isVisible():
+            self.preview.setVisible(True)
+        if self._pending_preview is not None:
+            rgba, caption = self._pending_preview
+            self._pending_preview = None
+            self._preview(rgba, caption)
+        if self._status_text is not None:
+            self.status.setText(self._status_text)
+            self._status_text = None
+
     def _on_event(self, d):
         kind = d["kind"]
         if kind == "prepare":
-            self.status.setText(d["message"])
+            self._status_text = d["message"]
         elif kind == "ready":
             self.info, self.mode, fld = d["info"], d["mode"], d["field"]
             self.field = fld
+            self._show_preview = True
             g = self.info["genes"]
             sel = self.state.genes
             warn = ""
             if sel and list(sel) != list(g):
                 warn = " (the checkpoint's genes differ from section 3: the checkpoint's are used)"
-            self.status.setText(f"{len(g)} genes ({', '.join(g[:4])}{'…' if len(g) > 4 else ''}) at "
-                                f"{self.info['scale']}× on {d['device']} — {self.mode}, HR {fld.hr_um:.3g} µm, "
-                                f"grid {fld.hr_shape[0]}×{fld.hr_shape[1]}{warn}")
+            self._status_text = (f"{len(g)} genes ({', '.join(g[:4])}{'…' if len(g) > 4 else ''}) at "
+                                 f"{self.info['scale']}× on {d['device']} — {self.mode}, HR {fld.hr_um:.3g} µm, "
+                                 f"grid {fld.hr_shape[0]}×{fld.hr_shape[1]}{warn}")
         elif kind == "progress":
             self.runner.set_progress(d["done"], total=d["total"],
                                      desc=f"napari-diffst: sample {d['sample'] + 1}, step {d['done']}/{d['total']}")
-            if "x0_pred" in d:
-                self._preview(d["x0_pred"], f"(sample {d['sample'] + 1}, step {d['done']}/{d['total']})")
+            if "preview" in d:
+                self._pending_preview = (d["preview"], f"(sample {d['sample'] + 1}, step {d['done']}/{d['total']})")
         elif kind == "result":
-            self._show_result(d["result"])
+            self._show_result(d["result"], d if "maps" in d else None)
         elif kind == "cancelled":
-            self.status.setText(d["message"] + "; no layers were added.")
+            self._status_text = d["message"] + "; no layers were added."
+            self._pending_preview = None
             notify_warning(d["message"])
             self._remove_preview()
         elif kind == "error":
             notify_error(d["message"])
-            self.status.setText(d["message"])
+            self._status_text = d["message"]
+            self._pending_preview = None
             self._remove_preview()
 
-    def _preview(self, x0, caption: str = ""):
-        """Show the current denoised estimate of the first gene in the dock (cheap: a QLabel pixmap)."""
-        fld = self.field
-        a = masked_expression(x0[:1], fld.gene_scale[:1], fld.hr_mask)[0]
-        g = self.info["genes"][0]
-        rgba = colormap_image(a, gene_colormap(self.info["genes"], g), contrast_limits(a))
+    def _preview(self, rgba: np.ndarray, caption: str = ""):
+        """Show an RGBA preview (made by the worker, :func:`.workers.preview_rgba`) of the first gene's current
+        denoised estimate in the dock: a QLabel pixmap, enlarged by a whole factor up to ``PREVIEW_PX``."""
         self.preview_image = rgba
         h, w = rgba.shape[:2]
         img = QImage(rgba.data, w, h, 4 * w, QImage.Format.Format_RGBA8888).copy()
         k = max(1, PREVIEW_PX // max(h, w))
-        pm = QPixmap.fromImage(img).scaled(w * k, h * k, Qt.KeepAspectRatio, Qt.FastTransformation)
+        pm = QPixmap.fromImage(img)
+        if k > 1:
+            pm = pm.scaled(w * k, h * k, Qt.KeepAspectRatio, Qt.FastTransformation)
         self.preview.setPixmap(pm)
+        g = self.info["genes"][0] if self.info else "the first gene"
         self.preview.setToolTip(f"denoised estimate x̂₀ of {g} {caption}")
-        self.preview.setVisible(True)
         self.n_previews += 1
 
     def _remove_preview(self):
+        self._show_preview = False
         self.preview.setVisible(False)
 
-    def _show_result(self, res):
+    def _show_result(self, res, data: dict | None = None):
+        """Queue the result layers (added once the worker has finished). ``data``: the worker's
+        :func:`.workers.result_layer_data` (masked maps and contrast limits; computed here without it)."""
         self.result = res
         fld = res.field
         genes = list(res.genes)
-        mean = masked_expression(res.mean, fld.gene_scale, fld.hr_mask)
-        std = masked_expression(res.std, fld.gene_scale, fld.hr_mask)
+        if data is None:
+            from .workers import result_layer_data
+
+            data = result_layer_data(res)
+        mean, std = data["maps"], data["std_maps"]
         place = raster_layer_kwargs(fld, "hr")
         blend = self.blend_combo.currentText()
         self.result_layers = []
         ck = self.info.get("path") if self.info else None
         for i, g in enumerate(genes):
-            cl = contrast_limits(mean[i])
+            cl = tuple(data["clims"][i])
             cmap = gene_colormap(genes, g)
             md = {"diffst_role": "sr", "gene": g, "genes": [g], "mask": fld.hr_mask, "units": "log1p(CP10k)",
                   "hr_um": fld.hr_um, "checkpoint": ck, "mode": self.mode, "steps": res.steps,
@@ -270,7 +293,7 @@ class SampleSection(Section):
                                                     units=("um", "um"), **place)))
             mdu = dict(md, diffst_role="sr_uncertainty")
             self.queue.put(self._adder(std[i], dict(name=f"{g} · Diff-ST σ", colormap=cmap,
-                                                    contrast_limits=contrast_limits(std[i]), blending=blend,
+                                                    contrast_limits=tuple(data["std_clims"][i]), blending=blend,
                                                     opacity=0.75, visible=False, metadata=mdu, units=("um", "um"),
                                                     **place)))
 
@@ -281,7 +304,8 @@ class SampleSection(Section):
                                 f"({res.n_samples} sample{'s' if res.n_samples != 1 else ''} × {res.steps} steps, "
                                 f"HR {fld.hr_um:.3g} µm). "
                                 "Toggle genes in the layer list; compare in section 6.")
-            notify_info(f"Super-resolved {len(genes)} genes of {fld.name}")
+            # no toast here: the status line says it, and a notification fading in over the canvas costs
+            # 100–170 ms per window flush on software GL
 
         self.queue.on_empty = finish
 

@@ -26,6 +26,7 @@ class DockState:
     busy_changed = Signal(bool)
     registration_changed = Signal(object)  # the sample whose transform changed
     train_fields_changed = Signal(list)    # SRFields the last training run used (baselines fit on them)
+    device_changed = Signal(str)           # 'auto', 'cpu', 'cuda', 'cuda:N', 'mps' (training and sampling)
 
     def __init__(self):
         self.sample = None
@@ -38,6 +39,7 @@ class DockState:
         self.results: dict = {}
         self.train_fields: list = []
         self.busy = False
+        self.device = "auto"
 
     def set_sample(self, sample, histology_layer=None, spots_layer=None):
         """Choose the sample (unwrapped from napari's plugin proxy, see :func:`unwrap`); setting the same
@@ -83,3 +85,9 @@ class DockState:
     def set_busy(self, b: bool):
         self.busy = bool(b)
         self.busy_changed.emit(self.busy)
+
+    def set_device(self, device: str):
+        device = str(device or "auto")
+        if device != self.device:
+            self.device = device
+            self.device_changed.emit(device)

@@ -16,7 +16,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QLabel, QLineEdit
                             QSpinBox, QToolButton)
 
 from . import settings
-from ._common import Section, info_label, notify_error, notify_info, notify_warning, row as _row
+from ._common import (Section, StatusText, narrow_combo, notify_error, notify_warning, progress_bar, row as _row,
+                      save_later)
 from .plots import LossPlot
 from .workers import Job, JobRunner, format_eta, train_job
 
@@ -32,16 +33,35 @@ CUDA_MISSING_TIP = ("CUDA is not available (no NVIDIA GPU, or a CPU-only PyTorch
 
 
 
-def device_text() -> tuple[str, str, str]:
-    """(label, colour, tooltip) for the compute device training will use."""
+def device_choices() -> list[str]:
+    """The Device box's entries: 'auto', 'cpu', then each CUDA device and Apple MPS where available."""
+    out = ["auto", "cpu"]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            n = torch.cuda.device_count()
+            out += ["cuda"] if n == 1 else [f"cuda:{i}" for i in range(n)]
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            out.append("mps")
+    except Exception:  # pragma: no cover - torch always importable here
+        pass
+    return out
+
+
+def device_text(choice: str = "auto") -> tuple[str, str, str]:
+    """(label, colour, tooltip) for the compute device a run with Device ``choice`` will use."""
     try:
         from ..device import device_label
 
-        name = device_label("auto")
+        name = device_label(choice)
     except Exception as exc:  # pragma: no cover
-        return "CPU", "#e5c100", f"device check failed: {exc}"
+        return "?", "#e57373", f"device {choice!r} cannot be used: {exc}"
     if name == "CPU":
-        return "CPU", "#e5c100", CUDA_MISSING_TIP
+        if choice == "auto" or not any(c.startswith("cuda") for c in device_choices()):
+            return "CPU", "#e5c100", CUDA_MISSING_TIP
+        return "CPU", "#e5c100", "training and sampling run on the CPU (slow: use the 'tiny'/'quick' budget)"
     return name, "#3cb043", "training and sampling run on this accelerator"
 
 
@@ -79,17 +99,22 @@ class TrainSection(Section):
         self.resume_btn = QToolButton()
         self.resume_btn.setText("…")
         self.add_row(None, _row(self.resume_check, self.resume_edit, self.resume_btn, stretch=1))
-        name, colour, tip = device_text()
-        self.device_label = QLabel(f"<b style='color:{colour}'>{name}</b>")
-        self.device_label.setToolTip(tip)
-        self.device_name = name
-        self.add_row("Device", self.device_label)
+        self.device_combo = narrow_combo(QComboBox(), 6)
+        self.device_combo.addItems(device_choices())
+        self.device_combo.setToolTip("Where training and sampling run ('auto': a GPU when there is one)")
+        saved = settings.load("train/device", "auto")
+        self.device_combo.setCurrentIndex(max(0, self.device_combo.findText(saved)))
+        self.device_label = QLabel()
+        self._show_device()
+        self.add_row("Device", _row(self.device_combo, self.device_label, stretch=1))
         self.train_btn = QPushButton("Train")
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.add_row(None, _row(self.train_btn, self.cancel_btn))
+        self.progress = self.add_widget(progress_bar())
         self.plot = self.add_widget(LossPlot(self))
-        self.eta_label = self.add_widget(info_label("Not trained yet."))
+        self.eta_label = self.add_widget(StatusText("Not trained yet.", lines=3))
+        self._status_text = None  # text for eta_label at the next UI tick
 
         self.runner: JobRunner | None = None
         self._notice = None
@@ -98,6 +123,7 @@ class TrainSection(Section):
         self.fields = None
 
         self.budget_combo.currentIndexChanged.connect(self._on_budget)
+        self.device_combo.currentIndexChanged.connect(self._on_device)
         self.features_combo.activated.connect(self._on_features)
         self.steps_spin.valueChanged.connect(lambda v: settings.save("train/steps", int(v)))
         self.batch_spin.valueChanged.connect(lambda v: settings.save("train/batch", int(v)))
@@ -168,6 +194,22 @@ class TrainSection(Section):
             return f"file:{self.features_file}" if self.features_file else "learned"
         return key
 
+    @property
+    def device(self) -> str:
+        """The Device box's choice ('auto', 'cpu', 'cuda', 'cuda:N', 'mps'); sampling uses it too."""
+        return self.device_combo.currentText() or "auto"
+
+    def _show_device(self):
+        name, colour, tip = device_text(self.device)
+        self.device_label.setText(f"<b style='color:{colour}'>{name}</b>")
+        self.device_label.setToolTip(tip)
+        self.device_name = name
+        self.state.set_device(self.device)
+
+    def _on_device(self, *_):
+        settings.save("train/device", self.device)
+        self._show_device()
+
     def _choose_ckpt(self):
         start = self.ckpt_edit.text() or settings.load("train/ckpt_parent", str(Path.home()))
         d = QFileDialog.getExistingDirectory(self, "Checkpoint folder", start)
@@ -217,17 +259,19 @@ class TrainSection(Section):
         except OSError as exc:
             notify_error(f"Cannot create the checkpoint folder {out}: {exc}. Choose another folder.")
             return
-        settings.save("train/ckpt_parent", str(out.parent))
+        prefs = [("train/ckpt_parent", str(out.parent))]
         if self.ckpt_edit.text().strip():
-            settings.save("train/ckpt_dir", self.ckpt_edit.text().strip())
+            prefs.append(("train/ckpt_dir", self.ckpt_edit.text().strip()))
         if resume:
-            settings.save("train/resume", resume)
+            prefs.append(("train/resume", resume))
+        save_later(prefs)  # each QSettings save writes and syncs a file: not inside the click
         self.plot.clear()
         self.plot.set_total(self.steps_spin.value())
-        self.plot.update_now()  # the one full draw of the axes, before the worker starts
+        self.plot.update_now()
         self.history = []
         self.last_event = None
         self.out_dir = out
+        self._status_text = None
         self.eta_label.setText(f"Preparing {len(st.genes)} genes at {st.scale}× …")
         st.set_busy(True)
         job = Job("train")
@@ -240,9 +284,10 @@ class TrainSection(Section):
                                "yet; training uses the learned encoder.")
         gen = train_job(job, st.sample, list(st.genes), st.scale, budget=self.budget,
                         steps=self.steps_spin.value(), batch_size=self.batch_spin.value(),
-                        lr_size=self.patch_spin.value(), out_dir=out, resume=resume, **extra)
+                        lr_size=self.patch_spin.value(), out_dir=out, resume=resume, device=self.device, **extra)
         self.runner = JobRunner(self.viewer, job, gen, self._on_event, desc="napari-diffst: training Diff-ST",
-                                total=self.steps_spin.value(), on_done=self._on_done)
+                                total=self.steps_spin.value(), on_done=self._on_done, bar=self.progress,
+                                on_tick=self._refresh)
         self._update_enabled()
 
     def cancel(self):
@@ -251,26 +296,38 @@ class TrainSection(Section):
             self.eta_label.setText("Cancelling after this step…")
             self.cancel_btn.setEnabled(False)
 
+    def _set_status(self, text: str) -> None:
+        """Show ``text`` at the next UI tick (events only store; :meth:`_refresh` updates the widgets)."""
+        self._status_text = text
+
+    def _refresh(self) -> None:
+        """The runner's UI tick (4×/s and once at the end): status text and loss plot, one repaint."""
+        if self._status_text is not None:
+            self.eta_label.setText(self._status_text)
+            self._status_text = None
+        self.plot.update_now()
+
     def _on_event(self, d):
         kind = d["kind"]
         if kind == "prepare":
-            self.eta_label.setText(d["message"])
+            self._set_status(d["message"])
         elif kind == "ready":
             self.fields = d["fields"]
             self.state.set_train_fields(d["fields"])
             self.total = d["total"]
+            self.run_device = d["device"]
             if d["total"] != self.steps_spin.value():  # resumed run with another total
                 self.plot.set_total(d["total"])
             self.runner.set_progress(d["step0"], total=d["total"])
-            self.eta_label.setText(f"Training on {d['device']}: batch {d['batch_size']}, patch {d['lr_size']} LR px, "
-                                   f"{d['total']} steps → {d['out_dir']}")
+            self._set_status(f"Training on {d['device']}: batch {d['batch_size']}, patch {d['lr_size']} LR px, "
+                             f"{d['total']} steps → {d['out_dir']}")
         elif kind == "event":
             self._on_train_event(d["event"])
         elif kind == "cancelled_early":
-            self.eta_label.setText("Cancelled before training started.")
+            self._set_status("Cancelled before training started.")
         elif kind == "error":
             notify_error(d["message"])
-            self.eta_label.setText(d["message"])
+            self._set_status(d["message"])
 
     def _on_train_event(self, ev):
         self.last_event = ev
@@ -279,21 +336,21 @@ class TrainSection(Section):
             self.plot.add(ev.step, ev.losses)
             sps = f"{ev.steps_per_s:.2f} steps/s" if ev.steps_per_s else ""
             loss = ev.losses.get("loss")
-            self.eta_label.setText(f"step {ev.step}/{ev.total_steps} · loss {loss:.4f} · {sps} · "
-                                   f"ETA {format_eta(ev.eta_s)}")
+            cancelling = "Cancelling after this step… " if self.runner.job.cancelled else ""
+            self._set_status(f"{cancelling}step {ev.step}/{ev.total_steps} · loss {loss:.4f} · {sps} · "
+                             f"ETA {format_eta(ev.eta_s)}")
             self.runner.set_progress(ev.step, desc=f"napari-diffst: training step {ev.step}/{ev.total_steps}")
         elif ev.kind in ("done", "cancelled"):
-            self.plot.update_now()
             ck = ev.checkpoint
             if ck:
                 self.state.set_checkpoint(ck)
-            # the notification (a toast over the canvas, costly to draw) is shown once the worker has ended
+            # no toast when training finishes (the status line and the progress bar say so): a napari
+            # notification fades in over the canvas, 100–170 ms per window flush on software GL. A cancel's
+            # warning is shown once the worker has ended.
             if ev.kind == "done":
-                self.eta_label.setText(f"Finished {ev.step} steps in {format_eta(ev.elapsed_s)}. "
-                                       f"Checkpoint: {ck}")
-                self._notice = (notify_info, f"Training finished: checkpoint {ck}")
+                self._set_status(f"Finished {ev.step} steps in {format_eta(ev.elapsed_s)}. Checkpoint: {ck}")
             else:
-                self.eta_label.setText(f"Cancelled at step {ev.step}; checkpoint kept: {ck}")
+                self._set_status(f"Cancelled at step {ev.step}; checkpoint kept: {ck}")
                 self._notice = (notify_warning, f"Training cancelled at step {ev.step}. The checkpoint {ck} is "
                                                 "kept: resume from it or use it in section 5.")
         elif ev.kind == "error":
@@ -302,7 +359,7 @@ class TrainSection(Section):
 
             msg = friendly_error(ev.error, "training") if ev.error is not None else ev.message
             notify_error(msg + where)
-            self.eta_label.setText(msg + where)
+            self._set_status(msg + where)
 
     def _on_done(self):
         self.state.set_busy(False)

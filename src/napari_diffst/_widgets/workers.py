@@ -31,6 +31,7 @@ import numpy as np
 __all__ = ["Job", "train_job", "sample_job", "compare_job", "register_job", "start_worker", "friendly_error",
            "release_memory", "raster_layer_kwargs", "masked_expression", "contrast_limits", "format_eta",
            "metrics_rows", "metrics_csv", "field_for_checkpoint", "grid_shape", "checkpoint_info", "Throttle",
+           "preview_rgba", "colormap_lut", "result_layer_data", "JobRunner",
            "GENE_COLORMAPS", "METRIC_COLUMNS"]
 
 #: colormaps given to genes in turn (the same gene keeps its colormap in the Sample and Compare views)
@@ -109,7 +110,9 @@ def friendly_error(exc: BaseException, what: str = "the run") -> str:
 
 
 def _guard(job: Job, what: str, gen: Iterator[dict]) -> Iterator[dict]:
-    """Run ``gen``; an exception becomes an 'error' dict; ``job.done`` is set and memory released at the end."""
+    """Run ``gen``; an exception becomes an 'error' dict; ``job.done`` is set and memory released at the end.
+    ``job.info['tid']``: the worker thread's native id (for diagnostics: the stall probe in the GUI tests)."""
+    job.info["tid"] = threading.get_native_id()
     try:
         yield from gen
     except GeneratorExit:
@@ -124,9 +127,12 @@ def _guard(job: Job, what: str, gen: Iterator[dict]) -> Iterator[dict]:
 
 def train_job(job: Job, sample, genes, scale: int, *, budget: str = "quick", steps: int | None = None,
               batch_size: int | None = None, lr_size: int | None = None, out_dir=None, resume=None,
-              device: str = "auto", seed: int = 0, checkpoint_every: int | None = None) -> Iterator[dict]:
+              device: str = "auto", seed: int = 0, checkpoint_every: int | None = None,
+              model_overrides: dict | None = None) -> Iterator[dict]:
     """Build the training fields (:func:`pipeline.make_fields`: HR truth where the sample has it, else
     self-supervised degradation pairs) and train (:meth:`Trainer.iter_train`, one event per step).
+    ``model_overrides`` (e.g. ``{'hist_features': 'handcrafted'}``) go to the new network's config; a resumed
+    run keeps its checkpoint's network.
 
     Yields ``prepare`` → ``ready`` (``fields``, ``gene_scale``, ``total``, ``device``, ``step0``) → one
     ``event`` per TrainEvent (``event``) → ends after the trainer's 'done'/'cancelled' (or ``error``)."""
@@ -146,6 +152,7 @@ def train_job(job: Job, sample, genes, scale: int, *, budget: str = "quick", ste
                                  out_dir=out_dir, seed=seed, device=device, train_samples=[sample],
                                  should_stop=job.is_cancelled, resume=resume or None,
                                  provenance={"data": sample.name, "genes_from": "napari dock"},
+                                 model_overrides=dict(model_overrides) if model_overrides and not resume else None,
                                  **({} if resume else over))
         if resume:
             trainer.config.log_every = 1
@@ -212,13 +219,58 @@ class Throttle:
         return False
 
 
+def preview_rgba(x0: np.ndarray, gene_scale: float, mask, lut: np.ndarray, max_px: int = 200) -> np.ndarray:
+    """One gene's map (model units) → a small (h, w, 4) uint8 RGBA image for the live preview: nearest
+    downsampling to at most ``max_px`` per side, log1p(CP10k) units (× ``gene_scale``), contrast 0…99.5th
+    percentile, colours from ``lut`` ((256, 4) uint8), transparent outside ``mask``. Qt-free and cheap; the
+    sampling worker calls it so the main thread only wraps the bytes in a pixmap."""
+    a = np.asarray(x0, np.float32)
+    m = None if mask is None else np.asarray(mask, bool)
+    k = max(1, -(-max(a.shape) // int(max_px)))
+    if k > 1:
+        a = a[::k, ::k]
+        m = None if m is None else m[::k, ::k]
+    a = a * np.float32(gene_scale)
+    inside = np.isfinite(a) if m is None else (m & np.isfinite(a))
+    v = a[inside]
+    hi = float(np.percentile(v, 99.5)) if v.size else 1.0
+    if not hi > 1e-6:
+        hi = max(float(v.max()) if v.size else 1.0, 1e-6)
+    idx = np.clip(np.nan_to_num(a, nan=0.0) / hi * 255.0, 0, 255).astype(np.uint8)
+    rgba = np.asarray(lut, np.uint8)[idx]
+    rgba[..., 3] = np.where(inside, 255, 0).astype(np.uint8)
+    return np.ascontiguousarray(rgba)
+
+
+def colormap_lut(name: str) -> np.ndarray:
+    """(256, 4) uint8 lookup table of a napari colormap (call on the main thread: napari's colormap registry
+    is not meant for worker threads)."""
+    from napari.utils.colormaps import ensure_colormap
+
+    return np.ascontiguousarray((ensure_colormap(name).map(np.linspace(0, 1, 256)) * 255).round().astype(np.uint8))
+
+
+def result_layer_data(res) -> dict:
+    """What the result layers show, computed off the main thread: ``maps`` / ``std_maps`` (G, H, W) in
+    log1p(CP10k), NaN outside the tissue (:func:`masked_expression`), and their per-gene ``clims`` /
+    ``std_clims`` (:func:`contrast_limits`)."""
+    fld = res.field
+    mean = masked_expression(res.mean, fld.gene_scale, fld.hr_mask)
+    std = masked_expression(res.std, fld.gene_scale, fld.hr_mask)
+    return {"maps": mean, "std_maps": std, "clims": [contrast_limits(a) for a in mean],
+            "std_clims": [contrast_limits(a) for a in std]}
+
+
 def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int = 4, seed: int = 0,
-               mode: str = "auto", device: str = "auto", preview_every_s: float = 0.25) -> Iterator[dict]:
+               mode: str = "auto", device: str = "auto", preview_every_s: float = 0.25,
+               preview_lut: np.ndarray | None = None, preview_px: int = 200) -> Iterator[dict]:
     """Load a checkpoint and super-resolve ``sample`` (:func:`pipeline.super_resolve_iter`).
 
     Yields ``prepare`` → ``ready`` (``field``, ``info``, ``mode``, ``total``) → ``progress`` per reverse step
     (``done``, ``total``, ``sample``, ``i``, and ``x0_pred`` — the current denoised estimate, model units —
-    at most every ``preview_every_s``) → ``result`` (``result``: SRResult) or ``cancelled``/``error``."""
+    at most every ``preview_every_s``; with ``preview_lut`` also ``preview``, the first gene's estimate as a
+    small RGBA image, :func:`preview_rgba`, made here in the worker) → ``result`` (``result``: SRResult, and
+    the layer data of :func:`result_layer_data`) or ``cancelled``/``error``."""
 
     def body():
         from .. import pipeline as P
@@ -241,7 +293,8 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
                 yield {"kind": "cancelled", "message": f"sampling cancelled after {upd.get('done', 0)} steps"}
                 return
             if "result" in upd:
-                yield {"kind": "result", "result": upd["result"], "info": info, "mode": m}
+                res = upd["result"]
+                yield {"kind": "result", "result": res, "info": info, "mode": m, **result_layer_data(res)}
                 return
             total = upd["total"]
             last = upd["done"] == total or upd["i"] == upd["n_steps"] - 1  # end of a sample
@@ -249,6 +302,9 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
                    "i": upd["i"], "n_steps": upd["n_steps"]}
             if thr(force=last):
                 out["x0_pred"] = upd["x0_pred"]
+                if preview_lut is not None:
+                    out["preview"] = preview_rgba(upd["x0_pred"][0], float(field.gene_scale[0]), field.hr_mask,
+                                                  preview_lut, preview_px)
             yield out
 
     return _guard(job, "super-resolution", body())
@@ -316,8 +372,9 @@ def register_job(job: Job, sample, method: str, *, model: str = "similarity", la
     return _guard(job, "registration", body())
 
 
-def start_worker(gen, on_yield, on_finish=None, *, desc: str | None = None):
-    """Run a job generator in a napari ``GeneratorWorker``; ``on_yield(dict)`` runs on the main thread."""
+def start_worker(gen, on_yield, on_finish=None, *, desc: str | None = None, start: bool = True):
+    """Run a job generator in a napari ``GeneratorWorker``; ``on_yield(dict)`` runs on the main thread.
+    ``start=False``: the caller calls ``worker.start()``."""
     from napari.qt.threading import create_worker
 
     def run():
@@ -328,7 +385,8 @@ def start_worker(gen, on_yield, on_finish=None, *, desc: str | None = None):
     worker.yielded.connect(on_yield)
     if on_finish is not None:
         worker.finished.connect(on_finish)
-    worker.start()
+    if start:
+        worker.start()
     return worker
 
 
@@ -417,65 +475,116 @@ class LayerPlan:
 
 # --------------------------------------------------------------------------------------------- main thread
 class JobRunner:
-    """Main-thread side of one job: the napari worker and a bar in napari's activity dock.
+    """Main-thread side of one job: the napari worker, a progress bar and one UI timer.
 
     ``on_event(dict)`` runs on the main thread for every yielded dict; ``on_done()`` once at the end.
     :meth:`shutdown` (used when the viewer closes during a run) cancels, waits until the generator has
-    ended — the trainer writes its checkpoint on cancel — and quits the worker."""
+    ended — the trainer writes its checkpoint on cancel — and quits the worker.
+
+    Responsiveness: every widget change makes Qt repaint and flush the viewer window, and with a GL canvas in
+    the window (software GL in particular) one flush costs 15–60 ms however small the change. So the
+    sections only *store* what the events say, and the runner's timer (``interval_ms``, 4×/s) applies it:
+    the progress bar and then ``on_tick()`` (the section's labels, plot, preview), all in one event-loop
+    turn — one window update per tick. ``on_tick`` runs once more when the worker has finished, before
+    ``on_done``.
+
+    ``bar``: a ``QProgressBar`` in the dock that shows the progress. Without one, the run gets a progress
+    bar in napari's activity panel (``napari.utils.progress``); note that its animated "in progress"
+    indicator repaints the window ~30×/s for the whole run, and creating it processes events and relays
+    the whole window out."""
 
     def __init__(self, viewer, job: Job, gen, on_event, *, desc: str, total: int | None = None, on_done=None,
-                 close_timeout_s: float = 60.0):
-        from napari.utils import progress
+                 close_timeout_s: float = 60.0, bar=None, on_tick=None, interval_ms: int = 250,
+                 start_delay_ms: int = 40):
+        from qtpy.QtCore import QTimer
 
         self.viewer = viewer
         self.job = job
         self.desc = desc
         self.on_event = on_event
         self.on_done = on_done
+        self.on_tick = on_tick
         self.close_timeout_s = float(close_timeout_s)
         self.closed = False
         self.finished = False
         self.status = desc
-        from qtpy.QtCore import QTimer
+        self.bar = bar
+        self.pbar = None
+        if bar is None:
+            from napari.utils import progress
 
-        self.pbar = progress(total=total or 0, desc=desc)
+            self.pbar = progress(total=total or 0, desc=desc)
+        else:
+            from ._common import set_bar
+
+            set_bar(bar, 0, total or 1, _short(desc))
         self._n = 0
-        self._pending = (0, None, None)
-        self._shown_desc = desc
+        self._pending = (0, total, None)
+        self._shown = (0, total, desc)
+        self._in_tick = False
         self._timer = QTimer()
-        self._timer.setSingleShot(True)
-        self._timer.setInterval(250)
-        self._timer.timeout.connect(self._apply_progress)
-        self.worker = start_worker(gen, self._on_yield, self._on_finished, desc=desc)
+        self._timer.setInterval(int(interval_ms))
+        self._timer.timeout.connect(self._tick)
+        self._timer.start()
+        # The worker starts a moment after the click: the click's repaint (buttons disabled, status text)
+        # is done first, instead of competing for the CPU and the GIL with the job's start-up (imports,
+        # reading data, building the network), which is the busiest stretch of a run.
+        self.started = False
+        self.worker = start_worker(gen, self._on_yield, self._on_finished, desc=desc, start=False)
+        if start_delay_ms > 0:
+            QTimer.singleShot(int(start_delay_ms), self._start)
+        else:
+            self._start()
+
+    def _start(self) -> None:
+        if self.started or self.closed:
+            return
+        self.started = True
+        self.worker.start()
 
     # -- progress ---------------------------------------------------------------------------
     def set_progress(self, n: int, total: int | None = None, desc: str | None = None) -> None:
-        """Record progress; napari's activity-dock bar is updated by a timer at most every 250 ms (its
-        widget calls ``QApplication.processEvents()`` on every change, which must not happen inside our
-        event handlers or once per step)."""
+        """Record progress; the bar is updated by the runner's timer (at most every ``interval_ms``; napari's
+        activity-panel bar also calls ``QApplication.processEvents()`` on every change, which must not
+        happen inside our event handlers or once per step)."""
         if self.closed or self.finished:
             return
-        self._pending = (int(n), total, desc or self._pending[2])
+        old_n, old_total, old_desc = self._pending
+        self._pending = (int(n), old_total if total is None else int(total), desc or old_desc)
         if desc:
             self.status = desc
-        if not self._timer.isActive():
-            self._timer.start()
 
     def _apply_progress(self) -> None:
-        if self.closed or self.finished:
+        if self.closed or self._pending == self._shown:
             return
         n, total, desc = self._pending
+        self._shown = self._pending
         try:
+            if self.bar is not None:
+                from ._common import set_bar
+
+                set_bar(self.bar, n, total, _short(desc) if desc else None)
+                return
             if total is not None and int(total) != self.pbar.total:
                 self.pbar.total = int(total)
             if n > self._n:
                 self.pbar.update(n - self._n)
                 self._n = n
-            if desc and desc != self._shown_desc:
-                self._shown_desc = desc
+            if desc:
                 self.pbar.set_description(desc)
-        except Exception:  # the activity dock is cosmetic; never break a run for it
+        except Exception:  # the progress display is cosmetic; never break a run for it
             pass
+
+    def _tick(self) -> None:
+        if self._in_tick or self.closed:
+            return
+        self._in_tick = True
+        try:
+            self._apply_progress()
+            if self.on_tick is not None:
+                self.on_tick()
+        finally:
+            self._in_tick = False
 
     # -- signals ----------------------------------------------------------------------------
     def _on_yield(self, d) -> None:
@@ -486,12 +595,15 @@ class JobRunner:
     def _on_finished(self) -> None:
         if self.finished:
             return
-        self.finished = True
         self._timer.stop()
-        try:
-            self.pbar.close()
-        except Exception:  # pragma: no cover
-            pass
+        if not self.closed:
+            self._tick()  # the last state, before 'finished' (sections read it in on_done)
+        self.finished = True
+        if self.pbar is not None:
+            try:
+                self.pbar.close()
+            except Exception:  # pragma: no cover
+                pass
         if not self.closed and self.on_done is not None:
             self.on_done()
 
@@ -511,13 +623,26 @@ class JobRunner:
             return True
         self.closed = True
         self.job.cancel()
+        if not self.started:  # closed before the worker started: nothing ran
+            self._timer.stop()
+            self.job.done.set()
+            self.finished = True
+            return True
         ok = self.job.wait(self.close_timeout_s if timeout_s is None else timeout_s)
+        self._timer.stop()
         try:
             self.worker.quit()
         except Exception:  # pragma: no cover
             pass
-        try:
-            self.pbar.close()
-        except Exception:  # pragma: no cover
-            pass
+        if self.pbar is not None:
+            try:
+                self.pbar.close()
+            except Exception:  # pragma: no cover
+                pass
         return ok
+
+
+def _short(desc: str) -> str:
+    """Progress-bar text in the dock: the description without the plugin prefix."""
+    d = str(desc or "")
+    return d.split(": ", 1)[1] if d.startswith("napari-diffst: ") else d
