@@ -463,6 +463,49 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
                   f"bound is not asserted (worst {p.worst * 1e3:.0f} ms)")
 
 
+# --------------------------------------------------------------------------------------------- layout
+@pytest.mark.parametrize("size", [(1400, 900), (1600, 1000)])
+def test_dock_fits_window(make_napari_viewer, qtbot, tmp_path, isolated_settings, size):
+    """At napari's default dock width in a 1400×900 and a 1600×1000 window nothing in the dock is cut off:
+    every visible widget lies inside the scroll area's viewport and no button is narrower than its text."""
+    from conftest import has_display
+    from qtpy.QtWidgets import QAbstractButton, QLabel, QWidget
+
+    if not has_display():
+        pytest.skip("no X display: run the GUI tests under xvfb-run")
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(*size)
+    _, w = viewer.window.add_plugin_dock_widget("napari-diffst", "Super-resolve ST")
+    w.sections["data"].synth_btn.click()
+    qtbot.waitUntil(lambda: w.state.sample is not None, timeout=60_000)
+    g = w.sections["genes"]
+    g.top_spin.setValue(3)
+    g.top_btn.click()
+    qtbot.wait(200)
+    vp = w.viewport()
+    assert w.width() >= w.minimumWidth() and w.widget().width() <= vp.width()
+    bad = []
+    for key, sec in w.sections.items():
+        for ch in sec.findChildren(QWidget):
+            if not ch.isVisibleTo(w.widget()):
+                continue
+            r = ch.rect().translated(ch.mapTo(w.widget(), ch.rect().topLeft()))
+            if r.left() < 0 or r.right() > vp.width():  # beyond the dock's visible area
+                bad.append((key, type(ch).__name__, r.left(), r.right(), vp.width()))
+            pr = ch.parentWidget().rect()
+            if ch.geometry().right() > pr.right() + 1:  # beyond its row
+                bad.append((key, type(ch).__name__, ch.geometry().right(), pr.right()))
+            text = ch.text() if isinstance(ch, (QAbstractButton, QLabel)) and not getattr(
+                ch, "wordWrap", lambda: False)() else ""
+            if text and ch.width() < ch.minimumSizeHint().width():  # a button or label cut short
+                bad.append((key, text, ch.width(), ch.minimumSizeHint().width()))
+    assert not bad, bad
+    bar = w.verticalScrollBar()
+    bar.setValue(min(bar.maximum(), w.sections["genes"].y()))
+    qtbot.wait(100)
+    viewer.window._qt_window.grab().save(str(tmp_path / f"dock_{size[0]}x{size[1]}.png"))
+
+
 # --------------------------------------------------------------------------------------------- persistence
 def test_widget_state_persists_between_sessions(shown_viewer, qtbot, isolated_settings):
     from napari_diffst._widgets import SuperResolveWidget
