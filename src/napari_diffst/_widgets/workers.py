@@ -596,8 +596,13 @@ class JobRunner:
         if self.finished:
             return
         self._timer.stop()
-        if not self.closed:
-            self._tick()  # the last state, before 'finished' (sections read it in on_done)
+        try:
+            if not self.closed:
+                self._tick()  # the last state, before 'finished' (sections read it in on_done)
+        except Exception:  # noqa: BLE001 - a failed widget update must not leave the dock busy
+            import traceback
+
+            traceback.print_exc()
         self.finished = True
         if self.pbar is not None:
             try:
