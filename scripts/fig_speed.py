@@ -58,6 +58,7 @@ def main(argv=None) -> int:
                         textcoords="offset points", xytext=(4, 6), fontsize=8)
         bx.set_title(f"peak memory of tiled inference ({mem[0]['genes']} genes, {mem[0]['scale']}×)", fontsize=9)
         bx.legend(fontsize=8, loc="lower right")
+        bx.margins(x=0.3)
     fig.tight_layout()
     fig.savefig(a.out, dpi=120)
     print(f"wrote {a.out}")
