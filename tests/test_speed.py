@@ -87,7 +87,13 @@ def test_cli_sample_tiled_writes_ome_zarr(tmp_path):
 
     ck = tmp_path / "run"
     assert cli.main(["train", "--data", "synthetic:0", "--scale", "5", "--n-genes", "2", "--budget", "tiny",
-                     "--steps", "2", "--out", str(ck)]) == 0
+                     "--steps", "2", "--set", "hist_features=handcrafted", "--out", str(ck)]) == 0
+    from napari_diffst.train import load_checkpoint
+
+    model, _, _ = load_checkpoint(ck, device="cpu")
+    assert model.config["hist_features"] == "handcrafted"      # the engine option reached the network
+    assert cli.main(["train", "--data", "synthetic:0", "--budget", "tiny", "--set", "bogus=1",
+                     "--out", str(tmp_path / "bad")]) == 2
     out = tmp_path / "maps.ome.zarr"
     assert cli.main(["sample", "--checkpoint", str(ck), "--data", "synthetic:0", "--steps", "2", "--n-samples", "1",
                      "--tile", "24", "--overlap", "8", "--mode", "native", "--out", str(out)]) == 0

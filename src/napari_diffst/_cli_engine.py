@@ -40,12 +40,24 @@ def cmd_train(args) -> int:
         print(f"data: {s.summary()}", file=sys.stderr)
     genes = P.choose_genes(samples, n_genes=args.n_genes, genes=_split_genes(args.genes))
     fields, gene_scale = P.make_fields(samples, genes, args.scale)
+    model_o, train_o = _ablation(args), {}
+    if getattr(args, "set", None):  # engine options, e.g. --set hist_features=handcrafted --set adv_weight=0.01
+        from .benchmark import parse_diffst_set
+
+        kn = parse_diffst_set(args.set)
+        unknown = sorted(set(kn) - {"model_overrides", "train_overrides"})
+        if unknown:
+            raise DataFormatError(None, f"--set {unknown}: benchmark-only knobs", "model config keys or TrainConfig "
+                                  "fields (--steps, --batch-size, --lr-size have their own flags)")
+        model_o.update(kn.get("model_overrides") or {})
+        train_o.update(kn.get("train_overrides") or {})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     trainer = P.make_trainer(fields, budget=args.budget, steps=args.steps, batch_size=args.batch_size,
                              lr_size=args.lr_size, out_dir=out, seed=args.seed, device=args.device,
-                             train_samples=samples, model_overrides=_ablation(args), resume=args.resume,
-                             provenance={"data": [str(d) for d in args.data], "genes_from": "training data"})
+                             train_samples=samples, model_overrides=model_o, resume=args.resume,
+                             provenance={"data": [str(d) for d in args.data], "genes_from": "training data"},
+                             **train_o)
     resolved = {
         "data": [str(d) for d in args.data], "scale": args.scale, "genes": list(genes),
         "gene_scale": [float(x) for x in gene_scale], "budget": args.budget, "seed": args.seed,
@@ -213,6 +225,9 @@ def add_commands(sub) -> None:
     t.add_argument("--no-cam", action="store_true", help="ablation: no cross-modal adaptive modulation")
     t.add_argument("--no-cigc", action="store_true", help="ablation: no gene co-expression graph")
     t.add_argument("--no-hier", action="store_true", help="ablation: tissue-level histology only")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="engine option (repeatable): a model config key (use_align=true, hist_features=handcrafted, "
+                        "gene_chunk=25, distill=true, ...) or a TrainConfig field (adv_weight=0.01, lr=5e-4, ...)")
     t.add_argument("--out", required=True, help="checkpoint folder")
     t.set_defaults(func=cmd_train)
 
