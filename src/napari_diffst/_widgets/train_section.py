@@ -8,7 +8,6 @@ when the generator ends."""
 from __future__ import annotations
 
 import datetime as _dt
-import inspect
 from pathlib import Path
 
 from qtpy.QtCore import Qt
@@ -277,11 +276,7 @@ class TrainSection(Section):
         job = Job("train")
         extra = {}
         if self.hist_features != "learned" and not resume:  # a resumed run keeps its checkpoint's network
-            if "model_overrides" in inspect.signature(train_job).parameters:
-                extra["model_overrides"] = {"hist_features": self.hist_features}
-            else:
-                notify_warning("This napari-diffst's training worker cannot pass the histology feature choice "
-                               "yet; training uses the learned encoder.")
+            extra["model_overrides"] = {"hist_features": self.hist_features}
         gen = train_job(job, st.sample, list(st.genes), st.scale, budget=self.budget,
                         steps=self.steps_spin.value(), batch_size=self.batch_spin.value(),
                         lr_size=self.patch_spin.value(), out_dir=out, resume=resume, device=self.device, **extra)
