@@ -277,3 +277,34 @@ def test_cli_errors_are_one_line(capsys):
     assert "needs --train" in capsys.readouterr().err
     assert cli.main(["benchmark", "--synthetic", "--methods", "magic"]) == 2
     assert "unknown method 'magic'" in capsys.readouterr().err
+
+
+def test_diffst_regression_prior_is_cross_fitted(monkeypatch):
+    """prior='histosge': each training field's condition comes from a regressor that did not see it; the
+    fields passed in are left untouched; prediction uses the regressor fitted on all training fields."""
+    from napari_diffst.baselines import HisToSGEStyle
+
+    monkeypatch.setitem(HisToSGEStyle.BUDGETS, "tiny", {**HisToSGEStyle.BUDGETS["tiny"], "steps": 5,
+                                                         "max_seconds": 5, "val_every": 5})
+    train = [make_toy_field(i) for i in (1, 2)]
+    before = [f.lr_upsampled(3).copy() for f in train]
+    m = DiffusionMethod(prior="histosge", model_overrides={"use_cigc": False})  # toy fields: no counts
+    seen = {}
+    real = m._with_prior
+
+    def spy(field, prior):
+        seen[field.name] = prior
+        return real(field, prior)
+
+    monkeypatch.setattr(m, "_with_prior", spy)
+    m.fit(train, make_toy_field(10), seed=0, budget="tiny")
+    assert set(seen) == {f.name for f in train}
+    for f, b in zip(train, before):  # the caller's fields keep their cubic condition
+        np.testing.assert_array_equal(f.lr_upsampled(3), b)
+        assert not np.allclose(seen[f.name], b)
+    test = make_toy_field(0)
+    pred = m.predict(test)
+    assert pred.shape == test.hr.shape and np.isfinite(pred).all()
+    assert m.knobs_["prior"] == "histosge" and m.prior_ is not None
+    with pytest.raises(ValueError, match="prior"):
+        DiffusionMethod(prior="magic").fit(train, seed=0, budget="tiny")

@@ -73,15 +73,19 @@ __all__ = ["DIFFUSION_BUDGETS", "METHOD_NAMES", "METRICS", "Method", "DiffusionM
 #: ``--diffst-set KEY=VALUE`` (:func:`parse_diffst_set`).
 DIFFUSION_BUDGETS: dict[str, dict] = {
     "tiny": dict(model_preset="tiny", steps=3, batch_size=2, lr_size=4, sample_steps=2, n_samples=1,
-                 sampler="ddim", train_overrides=dict(log_every=1, warmup_steps=1), model_overrides={}),
+                 sampler="ddim", prior="cubic", train_overrides=dict(log_every=1, warmup_steps=1), model_overrides={}),
     # quick: chosen on the validation section C5 only (docs/benchmark.md, "Tuning"): edge-aware cubic LR
     # condition (pipeline default), the distillation head for diffst, lr 5e-4, 20 respaced steps × 4 samples
     "quick": dict(model_preset="quick", steps=300, batch_size=4, lr_size=8, sample_steps=20, n_samples=4,
-                  sampler="ddpm", train_overrides=dict(time_limit_s=300.0, lr=5e-4),
+                  sampler="ddpm", prior="cubic", train_overrides=dict(time_limit_s=300.0, lr=5e-4),
                   model_overrides={"distill": True}),
     "full": dict(model_preset="full", steps=40000, batch_size=16, lr_size=16, sample_steps=250, n_samples=8,
-                 sampler="ddpm", train_overrides={}, model_overrides={}),
+                 sampler="ddpm", prior="cubic", train_overrides={}, model_overrides={}),
 }
+
+#: ``prior``: the map the denoiser's condition and residual start from — ``'cubic'`` (edge-aware cubic LR↑,
+#: the default) or ``'histosge'`` (the HisToSGE-style regressor's prediction: cross-fitted, leave one training
+#: section out, on the training sections; fitted on all of them for the validation/test sections).
 
 #: Method names in table order; ``--methods all`` runs them all.
 METHOD_NAMES: tuple[str, ...] = ("diffst", "bicubic", "nearest", "tesla", "istar", "unet", "cond_diffusion",
@@ -163,6 +167,11 @@ class DiffusionMethod:
         if self.ablate_all:  # plain conditional diffusion: no Diff-ST component, no distillation head
             overrides.update(use_cam=False, use_cigc=False, use_hier=False, distill=False)
         t0 = time.perf_counter()
+        self.prior_ = None
+        if kn.get("prior", "cubic") == "histosge":
+            train_fields = self._fit_prior(list(train_fields), val_field, seed, budget)
+        elif kn.get("prior", "cubic") != "cubic":
+            raise ValueError(f"{self.name}: prior must be 'cubic' or 'histosge', not {kn.get('prior')!r}")
         self.trainer = P.make_trainer(list(train_fields), budget=kn["model_preset"], steps=kn["steps"],
                                       batch_size=kn["batch_size"], lr_size=kn["lr_size"], seed=seed,
                                       device=self.device, model_overrides=overrides, out_dir=None,
@@ -183,11 +192,39 @@ class DiffusionMethod:
         self.seed_ = int(seed)
         return self
 
+    @staticmethod
+    def _with_prior(field, prior: np.ndarray):
+        """A shallow copy of ``field`` whose condition/residual base (``lr_upsampled(3)``) is ``prior``."""
+        import dataclasses
+
+        f2 = dataclasses.replace(field, extra=dict(field.extra))
+        f2.extra["lr_up3"] = np.asarray(prior, np.float32)
+        return f2
+
+    def _fit_prior(self, train_fields, val_field, seed, budget):
+        """Regression prior (``prior='histosge'``): cross-fitted predictions for the training fields (each from a
+        regressor that did not see it), and a regressor on all of them for the fields to predict."""
+        from .baselines import HisToSGEStyle
+
+        pb = budget if isinstance(budget, str) and budget in HisToSGEStyle.BUDGETS else "quick"
+        out = []
+        for i, f in enumerate(train_fields):
+            others = [g for j, g in enumerate(train_fields) if j != i]
+            if not others:  # one training section: no held-out prior possible, keep the cubic
+                out.append(f)
+                continue
+            reg = HisToSGEStyle(mask_output=False).fit(others, val_field, seed=seed + i, budget=pb)
+            out.append(self._with_prior(f, reg.predict(f)))
+        self.prior_ = HisToSGEStyle(mask_output=False).fit(train_fields, val_field, seed=seed, budget=pb)
+        return out
+
     def predict(self, field) -> np.ndarray:
         from . import pipeline as P
 
         if self.model_ is None:
             raise RuntimeError(f"{self.name}: call fit() before predict()")
+        if self.prior_ is not None:
+            field = self._with_prior(field, self.prior_.predict(field))
         kn = self.knobs_
         res = P.super_resolve(self.model_, field, steps=int(kn["sample_steps"]), n_samples=int(kn["n_samples"]),
                               seed=self.seed_, sampler=kn.get("sampler", "ddpm"))
