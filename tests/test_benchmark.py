@@ -308,3 +308,17 @@ def test_diffst_regression_prior_is_cross_fitted(monkeypatch):
     assert m.knobs_["prior"] == "histosge" and m.prior_ is not None
     with pytest.raises(ValueError, match="prior"):
         DiffusionMethod(prior="magic").fit(train, seed=0, budget="tiny")
+
+
+def test_diffst_shrink_fits_alpha_on_the_validation_field():
+    train = [make_toy_field(i) for i in (1, 2)]
+    val, test = make_toy_field(10), make_toy_field(0)
+    m = DiffusionMethod(shrink=True, model_overrides={"use_cigc": False}).fit(train, val, seed=0, budget="tiny")
+    assert 0.0 <= m.alpha_ <= 1.0
+    raw, base = m._predict_raw(test)
+    pred = m.predict(test)
+    mask = test.hr_mask.astype(np.float32)[None]
+    np.testing.assert_allclose(pred, (base + m.alpha_ * (raw - base)) * mask, atol=1e-5)
+    m.alpha_ = 0.0  # no detail kept: the base map itself
+    np.testing.assert_allclose(m.predict(test), base * mask, atol=1e-6)
+    assert DiffusionMethod(model_overrides={"use_cigc": False}).fit(train, val, budget="tiny").alpha_ == 1.0

@@ -73,20 +73,22 @@ __all__ = ["DIFFUSION_BUDGETS", "METHOD_NAMES", "METRICS", "Method", "DiffusionM
 #: ``--diffst-set KEY=VALUE`` (:func:`parse_diffst_set`).
 DIFFUSION_BUDGETS: dict[str, dict] = {
     "tiny": dict(model_preset="tiny", steps=3, batch_size=2, lr_size=4, sample_steps=2, n_samples=1,
-                 sampler="ddim", prior="cubic", train_overrides=dict(log_every=1, warmup_steps=1), model_overrides={}),
+                 sampler="ddim", shrink=False, prior="cubic", train_overrides=dict(log_every=1, warmup_steps=1), model_overrides={}),
     # quick: chosen on the validation section C5 only (docs/benchmark.md, "Tuning"): the distillation head for
     # diffst, lr 5e-4, 20 respaced steps × 4 samples, and (session 2) the HisToSGE-style regression prior as the
     # condition / residual base (C5: PCC 0.654 → 0.669, detail-PCC 0.197 → 0.273 over the cubic LR↑)
     "quick": dict(model_preset="quick", steps=300, batch_size=4, lr_size=8, sample_steps=20, n_samples=4,
-                  sampler="ddpm", prior="histosge", train_overrides=dict(time_limit_s=300.0, lr=5e-4),
+                  sampler="ddpm", shrink=False, prior="histosge", train_overrides=dict(time_limit_s=300.0, lr=5e-4),
                   model_overrides={"distill": True}),
     "full": dict(model_preset="full", steps=40000, batch_size=16, lr_size=16, sample_steps=250, n_samples=8,
-                 sampler="ddpm", prior="histosge", train_overrides={}, model_overrides={}),
+                 sampler="ddpm", shrink=False, prior="histosge", train_overrides={}, model_overrides={}),
 }
 
 #: ``prior``: the map the denoiser's condition and residual start from — ``'cubic'`` (edge-aware cubic LR↑;
 #: ``tiny``) or ``'histosge'`` (``quick``/``full``) (the HisToSGE-style regressor's prediction: cross-fitted, leave one training
 #: section out, on the training sections; fitted on all of them for the validation/test sections).
+#: ``shrink``: scale the detail the diffusion adds to that base by the least-squares factor α ∈ [0, 1] fitted
+#: on the validation field (as ``histosge`` does for its residual).
 
 #: Method names in table order; ``--methods all`` runs them all.
 METHOD_NAMES: tuple[str, ...] = ("diffst", "bicubic", "nearest", "tesla", "istar", "unet", "cond_diffusion",
@@ -191,6 +193,14 @@ class DiffusionMethod:
         self.train_seconds_ = time.perf_counter() - t0
         self.model_ = self.trainer.ema
         self.seed_ = int(seed)
+        self.alpha_ = 1.0
+        if kn.get("shrink") and val_field is not None and getattr(val_field, "hr", None) is not None:
+            # scale the detail the diffusion adds to its base by the least-squares factor on the validation field
+            pred, base = self._predict_raw(val_field)
+            m = np.asarray(val_field.hr_mask, bool)
+            r, t = (pred - base)[:, m], (np.asarray(val_field.hr) - base)[:, m]
+            den = float((r * r).sum())
+            self.alpha_ = float(np.clip((r * t).sum() / den, 0.0, 1.0)) if den > 0 else 1.0
         return self
 
     @staticmethod
@@ -224,6 +234,16 @@ class DiffusionMethod:
 
         if self.model_ is None:
             raise RuntimeError(f"{self.name}: call fit() before predict()")
+        pred, base = self._predict_raw(field)
+        a = float(getattr(self, "alpha_", 1.0))
+        if a != 1.0:
+            pred = base + a * (pred - base)
+        return pred * np.asarray(field.hr_mask, np.float32)[None]
+
+    def _predict_raw(self, field) -> tuple[np.ndarray, np.ndarray]:
+        """(mean of the samples, the base map the network's residual starts from), both (G, H, W)."""
+        from . import pipeline as P
+
         if self.prior_ is not None:
             field = self._with_prior(field, self.prior_.predict(field))
         kn = self.knobs_
@@ -232,7 +252,7 @@ class DiffusionMethod:
         pred = np.asarray(res.mean, np.float32)
         if pred.shape != (field.G,) + tuple(field.hr_shape):
             raise RuntimeError(f"{self.name}: prediction {pred.shape} not on the HR grid {field.hr_shape}")
-        return pred * np.asarray(field.hr_mask, np.float32)[None]
+        return pred, np.asarray(field.lr_upsampled(3), np.float32)
 
     def __repr__(self):
         return f"DiffusionMethod(ablate_all={self.ablate_all}, knobs={self.knobs})"
