@@ -76,12 +76,13 @@ DIFFUSION_BUDGETS: dict[str, dict] = {
                  sampler="ddim", shrink=False, prior="cubic", train_overrides=dict(log_every=1, warmup_steps=1), model_overrides={}),
     # quick: chosen on the validation section C5 only (docs/benchmark.md, "Tuning"): the distillation head for
     # diffst, lr 5e-4, 20 respaced steps × 4 samples, and (session 2) the HisToSGE-style regression prior as the
-    # condition / residual base (C5: PCC 0.654 → 0.669, detail-PCC 0.197 → 0.273 over the cubic LR↑)
+    # condition / residual base (C5: PCC 0.654 → 0.669, detail-PCC 0.197 → 0.273 over the cubic LR↑), and the
+    # validation-fitted shrink of the added detail (C5: 0.669 → 0.677, 0.273 → 0.282; α fitted on C5 itself)
     "quick": dict(model_preset="quick", steps=300, batch_size=4, lr_size=8, sample_steps=20, n_samples=4,
-                  sampler="ddpm", shrink=False, prior="histosge", train_overrides=dict(time_limit_s=300.0, lr=5e-4),
+                  sampler="ddpm", shrink=True, prior="histosge", train_overrides=dict(time_limit_s=300.0, lr=5e-4),
                   model_overrides={"distill": True}),
     "full": dict(model_preset="full", steps=40000, batch_size=16, lr_size=16, sample_steps=250, n_samples=8,
-                 sampler="ddpm", shrink=False, prior="histosge", train_overrides={}, model_overrides={}),
+                 sampler="ddpm", shrink=True, prior="histosge", train_overrides={}, model_overrides={}),
 }
 
 #: ``prior``: the map the denoiser's condition and residual start from — ``'cubic'`` (edge-aware cubic LR↑;
