@@ -586,7 +586,8 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
         fit_peak = mem.peak_mb
         if isinstance(method, DiffusionMethod):  # the options used and how far training got (time caps)
             method_knobs[name] = dict(json.loads(json.dumps(method.knobs_, default=str)),
-                                      trained_steps=int(getattr(method.trainer, "step", 0)))
+                                      trained_steps=int(getattr(method.trainer, "step", 0)),
+                                      shrink_alpha=round(float(getattr(method, "alpha_", 1.0)), 4))
         for nm, f in zip(test_names, test_f):
             mem.peak_mb = fit_peak  # this section's span = fit + its own predict
             t2 = time.perf_counter()
