@@ -19,6 +19,19 @@ def _bar(total, desc):
     return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
 
+def _drain(events, bar):
+    """Run a sampling generator to its end, showing its ``done``/``total`` on ``bar``; return its result."""
+    res = None
+    for ev in events:
+        if "result" in ev:
+            res = ev["result"]
+        else:
+            bar.total, bar.n = ev["total"], ev["done"]
+            bar.refresh()
+    bar.close()
+    return res
+
+
 def _split_genes(s: str | None):
     return [g.strip() for g in s.split(",") if g.strip()] if s else None
 
@@ -117,17 +130,8 @@ def cmd_sample(args) -> int:
     print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× "
           f"(HR {field.hr_um:.4g} µm) with {args.steps} steps × {args.n_samples} samples", file=sys.stderr)
     t0 = time.time()
-    bar = _bar(args.steps * args.n_samples, "sample")
-    res = None
-    for upd in P.super_resolve_iter(model, field, steps=args.steps, n_samples=args.n_samples, seed=args.seed,
-                                    sampler=args.sampler):
-        if "result" in upd:
-            res = upd["result"]
-        else:
-            bar.n = upd["done"]
-            bar.total = upd["total"]
-            bar.refresh()
-    bar.close()
+    res = _drain(P.super_resolve_iter(model, field, steps=args.steps, n_samples=args.n_samples, seed=args.seed,
+                                      sampler=args.sampler), _bar(args.steps * args.n_samples, "sample"))
     secs = time.time() - t0
     A = np.asarray(field.extra.get("hr_affine", np.eye(3)), float)
     origin_um = (float(A[1, 2] * field.um_per_px), float(A[0, 2] * field.um_per_px))
@@ -156,18 +160,9 @@ def _sample_tiled(args, model, sample, genes, scale, gene_scale) -> int:
           f"{H}×{W} px) in {args.tile}-px tiles (overlap {args.overlap}) with {args.steps} steps × "
           f"{args.n_samples} samples", file=sys.stderr)
     t0 = time.time()
-    bar = _bar(1, "tiles")
-    res = None
-    for ev in super_resolve_tiled_iter(model, src, tile=args.tile, overlap=args.overlap, steps=args.steps,
-                                       n_samples=args.n_samples, seed=args.seed, sampler=args.sampler,
-                                       batch_tiles=args.batch_tiles, out=args.out):
-        if "result" in ev:
-            res = ev["result"]
-        else:
-            bar.total = ev["total"]
-            bar.n = ev["done"]
-            bar.refresh()
-    bar.close()
+    res = _drain(super_resolve_tiled_iter(model, src, tile=args.tile, overlap=args.overlap, steps=args.steps,
+                                          n_samples=args.n_samples, seed=args.seed, sampler=args.sampler,
+                                          batch_tiles=args.batch_tiles, out=args.out), _bar(1, "tiles"))
     print(f"wrote {args.out} ({len(genes)} genes + uncertainty, {H}×{W} px at {src.hr_um:.4g} µm, "
           f"{res.n_tiles} tiles) in {time.time() - t0:.1f} s")
     return 0

@@ -172,6 +172,17 @@ def histology_features(field, context_sigmas: tuple = (1.0, 2.0)) -> np.ndarray:
     return np.concatenate(feats).astype(np.float32)
 
 
+def _supervised_fields(train_fields, message: str) -> tuple[list, list]:
+    """The training fields with HR truth (ValueError ``message`` when none) and their shared gene list."""
+    fields = [f for f in train_fields if f.hr is not None]
+    if not fields:
+        raise ValueError(message)
+    genes = list(fields[0].genes)
+    for f in fields:
+        _check_field(f, genes)
+    return fields, genes
+
+
 def _resolve_budget(table: dict, budget) -> dict:
     if isinstance(budget, dict):
         out = dict(table["quick"])
@@ -590,12 +601,8 @@ class UNetBaseline(Baseline):
         from .data.pairs import random_patches
 
         _set_threads(self.num_threads)
-        fields = [f for f in train_fields if f.hr is not None]
-        if not fields:
-            raise ValueError("unet: fit needs training fields with HR truth (supervised)")
-        self.genes_ = list(fields[0].genes)
-        for f in fields:
-            _check_field(f, self.genes_)
+        fields, self.genes_ = _supervised_fields(train_fields, "unet: fit needs training fields with HR truth "
+                                                                 "(supervised)")
         s, k = int(fields[0].scale), int(fields[0].he_per_hr)
         if any(int(f.scale) != s or int(f.he_per_hr) != k for f in fields):
             raise DataFormatError(None, "training fields differ in scale or he_per_hr", "one scale and H&E sampling")
@@ -803,12 +810,8 @@ class HisToSGEStyle(Baseline):
         from .metrics import pcc_per_gene
 
         _set_threads(self.num_threads)
-        fields = [f for f in train_fields if f.hr is not None]
-        if not fields:
-            raise ValueError("histosge: fit needs training fields with HR truth (supervised spot regression)")
-        self.genes_ = list(fields[0].genes)
-        for f in fields:
-            _check_field(f, self.genes_)
+        fields, self.genes_ = _supervised_fields(train_fields, "histosge: fit needs training fields with HR truth "
+                                                                 "(supervised spot regression)")
         bud = self.budget_ = _resolve_budget(self.BUDGETS, budget)
         Fs = [histology_features(f, self.context_sigmas) for f in fields]
         pix = np.concatenate([F[:, f.hr_mask].T for F, f in zip(Fs, fields)])

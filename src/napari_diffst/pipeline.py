@@ -22,7 +22,7 @@ from .errors import CancelledError, DataFormatError, DiffSTError
 
 __all__ = ["load_data", "choose_genes", "make_fields", "model_config_for", "build_diffst_model",
            "make_trainer", "super_resolve_iter", "super_resolve", "SRResult", "MODEL_PRESETS",
-           "default_he_per_hr", "cond_from_field"]
+           "default_he_per_hr", "cond_from_field", "network_config"]
 
 #: Network sizes per budget (see docs/model.md). ``tiny`` is for tests and smoke runs.
 MODEL_PRESETS: dict[str, dict] = {
@@ -111,11 +111,15 @@ def _gene_counts(samples: Sequence[Sample], genes: Sequence[str]) -> np.ndarray:
 
 def model_config_for(fields: Sequence[SRField], budget: str = "quick", **overrides) -> dict:
     """Network config matching the fields (genes, H&E pixels per HR pixel) and the budget's size."""
+    return network_config(fields[0].G, fields[0].he_per_hr, budget, **overrides)
+
+
+def network_config(n_genes: int, he_per_hr: int, budget: str = "quick", **overrides) -> dict:
+    """The network config of a ``budget``-size Diff-ST for ``n_genes`` genes and ``he_per_hr`` H&E px per HR px."""
     from .model import default_config
 
-    f0 = fields[0]
     cfg = dict(MODEL_PRESETS.get(budget, {}))
-    cfg.update(n_genes=f0.G, he_per_hr=f0.he_per_hr, predict="x0", residual_lr=True)
+    cfg.update(n_genes=int(n_genes), he_per_hr=int(he_per_hr), predict="x0", residual_lr=True)
     cfg.update(overrides)
     return default_config(**cfg)
 

@@ -99,11 +99,9 @@ def _peak_tflops(device) -> float | None:
 
 def _untrained_config(n_genes: int, he_per_hr: int, preset: str) -> dict:
     """The network config :func:`napari_diffst.pipeline.build_diffst_model` would make (timing/memory probes)."""
-    from .model import default_config
-    from .pipeline import DEFAULT_UPSAMPLE, MODEL_PRESETS
+    from .pipeline import DEFAULT_UPSAMPLE, network_config
 
-    cfg = default_config(**{**MODEL_PRESETS.get(preset, {}), "n_genes": int(n_genes), "he_per_hr": int(he_per_hr),
-                            "predict": "x0", "residual_lr": True})
+    cfg = network_config(n_genes, he_per_hr, preset)
     cfg["diffusion"] = {"target": "x0", "upsample": DEFAULT_UPSAMPLE}
     return cfg
 

@@ -243,6 +243,15 @@ class TileSource:
     def hr_shape(self) -> tuple[int, int]:
         return (self.lr.shape[1] * self.scale, self.lr.shape[2] * self.scale)
 
+    def _take(self, fld: SRField) -> None:
+        """Copy what tiling needs (names, sizes, LR maps, masks, placement) from a field."""
+        self.name = fld.name
+        self.genes, self.scale, self.he_per_hr = list(fld.genes), int(fld.scale), int(fld.he_per_hr)
+        self.hr_um, self.gene_scale = float(fld.hr_um), np.asarray(fld.gene_scale, np.float32)
+        self.lr, self.lr_mask, self.hr_mask = fld.lr, np.asarray(fld.lr_mask, bool), np.asarray(fld.hr_mask, bool)
+        self.hr_affine = np.asarray(fld.extra.get("hr_affine", np.eye(3)), float)
+        self.um_per_px = float(fld.um_per_px)
+
     def he_tile(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -264,12 +273,7 @@ class FieldSource(TileSource):
 
     def __init__(self, fld: SRField):
         self.field = fld
-        self.name = fld.name
-        self.genes, self.scale, self.he_per_hr = list(fld.genes), int(fld.scale), int(fld.he_per_hr)
-        self.hr_um, self.gene_scale = float(fld.hr_um), np.asarray(fld.gene_scale, np.float32)
-        self.lr, self.lr_mask, self.hr_mask = fld.lr, np.asarray(fld.lr_mask, bool), np.asarray(fld.hr_mask, bool)
-        self.hr_affine = np.asarray(fld.extra.get("hr_affine", np.eye(3)), float)
-        self.um_per_px = float(fld.um_per_px)
+        self._take(fld)
 
     def he_tile(self, r0, c0, h, w):
         k = self.he_per_hr
@@ -283,12 +287,7 @@ class SlideSource(TileSource):
 
     def __init__(self, sample, fld: SRField):
         self.sample = sample
-        self.name = fld.name
-        self.genes, self.scale, self.he_per_hr = list(fld.genes), int(fld.scale), int(fld.he_per_hr)
-        self.hr_um, self.gene_scale = float(fld.hr_um), np.asarray(fld.gene_scale, np.float32)
-        self.lr, self.lr_mask, self.hr_mask = fld.lr, np.asarray(fld.lr_mask, bool), np.asarray(fld.hr_mask, bool)
-        self.hr_affine = np.asarray(fld.extra["hr_affine"], float)
-        self.um_per_px = float(fld.um_per_px)
+        self._take(fld)
         # H&E pixel (col, row) → spot-frame px (sample_image applies sample.transform on top)
         T = np.asarray(sample.transform, float)
         self._A_he_spot = np.linalg.inv(T) @ np.asarray(fld.extra["he_affine"], float)
@@ -466,7 +465,7 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
         if writer is not None and not finished:
             writer.abort()
     res = TiledResult(list(source.genes), float(source.hr_um), (H, W), np.asarray(source.gene_scale), plan.n_tiles,
-                      n, M, time.perf_counter() - t_start, calls * 1, mean_acc, std_acc, path)
+                      n, M, time.perf_counter() - t_start, calls, mean_acc, std_acc, path)
     yield {"result": res}
 
 

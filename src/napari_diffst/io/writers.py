@@ -293,10 +293,8 @@ class OmeZarrWriter:
             h, w = (h + 1) // 2, (w + 1) // 2
         return (C, h, w)
 
-    # -- public -----------------------------------------------------------------------------------
-    def write_tile(self, row: int, col: int, tile, channels=None) -> None:
-        """Write ``tile`` (``(c, h, w)``, or ``(h, w)`` for one channel) with its top-left pixel at
-        (``row``, ``col``) of level 0, into ``channels`` (slice/int/list; default all)."""
+    def _tile_region(self, row, col, tile, channels):
+        """Checked ``(tile (c, h, w) float32, channel selection, channel indices, (r0, r1, c0, c1))``."""
         if self._closed:
             raise RuntimeError("writer is closed")
         t = np.asarray(tile, np.float32)
@@ -315,6 +313,13 @@ class OmeZarrWriter:
         if r0 < 0 or c0 < 0 or r1 > self.shape[1] or c1 > self.shape[2]:
             raise DataFormatError(self.path, f"tile [{r0}:{r1}, {c0}:{c1}] outside the image {self.shape[1:]}",
                                   "tiles inside the declared shape")
+        return t, channels, idx, (r0, r1, c0, c1)
+
+    # -- public -----------------------------------------------------------------------------------
+    def write_tile(self, row: int, col: int, tile, channels=None) -> None:
+        """Write ``tile`` (``(c, h, w)``, or ``(h, w)`` for one channel) with its top-left pixel at
+        (``row``, ``col``) of level 0, into ``channels`` (slice/int/list; default all)."""
+        t, channels, idx, (r0, r1, c0, c1) = self._tile_region(row, col, tile, channels)
         a = self._arrays[0]
         if isinstance(channels, slice) and (channels.step in (None, 1)):
             a[int(idx[0]):int(idx[-1]) + 1, r0:r1, c0:c1] = t
@@ -334,24 +339,9 @@ class OmeZarrWriter:
         overlapping, pre-weighted tiles blend (tiled inference: weights that sum to one per pixel). NaN in
         ``tile`` adds nothing; pixels that never received a finite value stay NaN. Contrast limits are
         recomputed from level 0 when the writer closes."""
-        if self._closed:
-            raise RuntimeError("writer is closed")
-        t = np.asarray(tile, np.float32)
-        if t.ndim == 2:
-            t = t[None]
-        if channels is None:
-            channels = slice(0, t.shape[0])
-        if isinstance(channels, (int, np.integer)):
-            channels = slice(int(channels), int(channels) + 1)
-        idx = np.arange(self.shape[0])[channels]
-        if len(idx) != t.shape[0] or not (isinstance(channels, slice) and channels.step in (None, 1)):
-            raise DataFormatError(self.path, f"tile of shape {t.shape} for channels {channels}",
-                                  "(channels, h, w) for a contiguous channel range")
-        r0, c0 = int(row), int(col)
-        r1, c1 = r0 + t.shape[1], c0 + t.shape[2]
-        if r0 < 0 or c0 < 0 or r1 > self.shape[1] or c1 > self.shape[2]:
-            raise DataFormatError(self.path, f"tile [{r0}:{r1}, {c0}:{c1}] outside the image {self.shape[1:]}",
-                                  "tiles inside the declared shape")
+        t, channels, idx, (r0, r1, c0, c1) = self._tile_region(row, col, tile, channels)
+        if not (isinstance(channels, slice) and channels.step in (None, 1)):
+            raise DataFormatError(self.path, f"channels {channels}", "a contiguous channel range for add_tile")
         a = self._arrays[0]
         sl = (slice(int(idx[0]), int(idx[-1]) + 1), slice(r0, r1), slice(c0, c1))
         cur = np.asarray(a[sl], np.float32)
