@@ -732,6 +732,10 @@ class HisToSGEStyle(Baseline):
         partly noise is not added at full strength; α = 1 without a validation field or with ``shrink=False``
     consistent : after prediction, iterative back-projection (as ``Bicubic(consistent=True)``) so that
         the masked block means reproduce the LR
+    cell_features : also use the cell-level features of :mod:`napari_diffst.data.cellfeatures`
+        (``field.extra['cell_features']``, plus their context blurs) — the ablation ``histosge_cell`` of the
+        benchmark, which shows how much of Diff-ST's cell-level prior a supervised regressor gets; off for
+        the ``histosge`` baseline
     """
 
     name = "histosge"
@@ -745,20 +749,40 @@ class HisToSGEStyle(Baseline):
     def __init__(self, radius: int = 2, dim: int = 32, hidden: int = 64, n_blocks: int = 2, heads: int = 4,
                  use_lr: bool = True, context_sigmas=(1.0, 2.0), shrink: bool = True, consistent: bool = False,
                  n_iter: int = 20,
-                 weight_decay: float = 1e-4, num_threads: int | None = None, mask_output: bool = True):
+                 weight_decay: float = 1e-4, num_threads: int | None = None, mask_output: bool = True,
+                 cell_features: bool = False):
         super().__init__(mask_output)
+        self.cell_features = bool(cell_features)
+        if self.cell_features:
+            self.name = "histosge_cell"
         self.radius, self.dim, self.hidden, self.n_blocks, self.heads = int(radius), dim, hidden, n_blocks, heads
         self.use_lr, self.context_sigmas = bool(use_lr), tuple(context_sigmas)
         self.shrink, self.consistent, self.n_iter, self.weight_decay = shrink, consistent, n_iter, weight_decay
         self.num_threads = num_threads
         self.models_, self.stats_, self.genes_ = None, None, None
 
+    def needs_cell_features(self, budget=None) -> bool:
+        return self.cell_features
+
+    def _features(self, field) -> np.ndarray:
+        F = histology_features(field, self.context_sigmas)
+        if not self.cell_features:
+            return F
+        C = field.extra.get("cell_features")
+        if C is None:
+            raise DataFormatError(None, f"field {field.name!r} has no cell-level features",
+                                  "field.extra['cell_features'] (napari_diffst.data.cellfeatures.add_cell_features)")
+        C = np.asarray(C, np.float32)
+        s = int(field.scale)
+        ctx = [np.stack([ndi.gaussian_filter(a, c * s, mode="nearest") for a in C]) for c in self.context_sigmas]
+        return np.concatenate([F, C] + ctx).astype(np.float32)
+
     # --- data ---------------------------------------------------------------------------------
     def _field_arrays(self, field):
         """Standardised features padded by r, flattened (Hp·Wp, F); validity (Hp·Wp,); token index of every
         HR pixel (H·W, N) into them; LR↑ (G, H, W)."""
         r = self.radius
-        F = self.stats_.apply(histology_features(field, self.context_sigmas))
+        F = self.stats_.apply(self._features(field))
         Fn, H, W = F.shape
         Fp = np.pad(F, ((0, 0), (r, r), (r, r)))
         vp = np.pad(np.asarray(field.hr_mask, bool), r)
@@ -813,7 +837,7 @@ class HisToSGEStyle(Baseline):
         fields, self.genes_ = _supervised_fields(train_fields, "histosge: fit needs training fields with HR truth "
                                                                  "(supervised spot regression)")
         bud = self.budget_ = _resolve_budget(self.BUDGETS, budget)
-        Fs = [histology_features(f, self.context_sigmas) for f in fields]
+        Fs = [self._features(f) for f in fields]
         pix = np.concatenate([F[:, f.hr_mask].T for F, f in zip(Fs, fields)])
         mu, sd = pix.mean(0), pix.std(0)
         sd[sd < 1e-6] = 1.0

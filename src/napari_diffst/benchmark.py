@@ -77,23 +77,30 @@ DIFFUSION_BUDGETS: dict[str, dict] = {
     # quick: chosen on the validation section C5 only (docs/benchmark.md, "Tuning"): the distillation head for
     # diffst, lr 5e-4, 20 respaced steps × 4 samples, and (session 2) the HisToSGE-style regression prior as the
     # condition / residual base (C5: PCC 0.654 → 0.669, detail-PCC 0.197 → 0.273 over the cubic LR↑), and the
-    # validation-fitted shrink of the added detail (C5: 0.669 → 0.677, 0.273 → 0.282; α fitted on C5 itself)
+    # validation-fitted shrink of the added detail (C5: 0.669 → 0.677, 0.273 → 0.282; α fitted on C5 itself);
+    # (session 3) the cell-level ridge prior (napari_diffst.prior) instead of the HisToSGE-style one
+    # (C5: 0.677 → 0.685, 0.282 → 0.308)
     "quick": dict(model_preset="quick", steps=300, batch_size=4, lr_size=8, sample_steps=20, n_samples=4,
-                  sampler="ddpm", shrink=True, prior="histosge", train_overrides=dict(time_limit_s=300.0, lr=5e-4),
+                  sampler="ddpm", shrink=True, prior="cell", train_overrides=dict(time_limit_s=300.0, lr=5e-4),
                   model_overrides={"distill": True}),
     "full": dict(model_preset="full", steps=40000, batch_size=16, lr_size=16, sample_steps=250, n_samples=8,
-                 sampler="ddpm", shrink=True, prior="histosge", train_overrides={}, model_overrides={}),
+                 sampler="ddpm", shrink=True, prior="cell", train_overrides={}, model_overrides={}),
 }
 
 #: ``prior``: the map the denoiser's condition and residual start from — ``'cubic'`` (edge-aware cubic LR↑;
-#: ``tiny``) or ``'histosge'`` (``quick``/``full``) (the HisToSGE-style regressor's prediction: cross-fitted, leave one training
-#: section out, on the training sections; fitted on all of them for the validation/test sections).
+#: ``tiny``), ``'histosge'`` (the HisToSGE-style regressor's prediction) or ``'cell'`` (``quick``/``full``: the
+#: ridge map from cell-level H&E features, :class:`napari_diffst.prior.CellRidgePrior`; the plain conditional
+#: diffusion, which has no cell level, uses ``'histosge'`` instead).  Regression priors are cross-fitted (leave
+#: one training section out) on the training sections and fitted on all of them for the validation/test sections.
 #: ``shrink``: scale the detail the diffusion adds to that base by the least-squares factor α ∈ [0, 1] fitted
 #: on the validation field (as ``histosge`` does for its residual).
 
 #: Method names in table order; ``--methods all`` runs them all.
 METHOD_NAMES: tuple[str, ...] = ("diffst", "bicubic", "nearest", "tesla", "istar", "unet", "cond_diffusion",
                                  "histosge")
+#: Ablations that ``all`` leaves out: ``histosge_cell`` is the ``histosge`` regressor given Diff-ST's cell-level
+#: features too (how much of Diff-ST's cell-level prior a supervised regressor reaches).
+EXTRA_METHODS: tuple[str, ...] = ("histosge_cell",)
 #: Per-method metric keys in the JSON (in order).
 METRICS: tuple[str, ...] = ("pcc", "rmse", "ssim", "detail_pcc", "seconds", "peak_mb")
 _OPTIONAL_METHOD_KEYS = ("gpu_peak_mb",)
@@ -170,12 +177,14 @@ class DiffusionMethod:
         overrides = dict(kn.get("model_overrides") or {})
         if self.ablate_all:  # plain conditional diffusion: no Diff-ST component, no distillation head
             overrides.update(use_cam=False, use_cigc=False, use_hier=False, distill=False)
+            if kn.get("prior") == "cell":  # the cell-level prior belongs to the hierarchical (cell-level) component
+                kn["prior"] = "histosge"
         t0 = time.perf_counter()
         self.prior_ = None
-        if kn.get("prior", "cubic") == "histosge":
-            train_fields = self._fit_prior(list(train_fields), val_field, seed, budget)
+        if kn.get("prior", "cubic") in ("histosge", "cell"):
+            train_fields = self._fit_prior(list(train_fields), val_field, seed, budget, kind=kn["prior"])
         elif kn.get("prior", "cubic") != "cubic":
-            raise ValueError(f"{self.name}: prior must be 'cubic' or 'histosge', not {kn.get('prior')!r}")
+            raise ValueError(f"{self.name}: prior must be 'cubic', 'histosge' or 'cell', not {kn.get('prior')!r}")
         self.trainer = P.make_trainer(list(train_fields), budget=kn["model_preset"], steps=kn["steps"],
                                       batch_size=kn["batch_size"], lr_size=kn["lr_size"], seed=seed,
                                       device=self.device, model_overrides=overrides, out_dir=None,
@@ -213,22 +222,39 @@ class DiffusionMethod:
         f2.extra["lr_up3"] = np.asarray(prior, np.float32)
         return f2
 
-    def _fit_prior(self, train_fields, val_field, seed, budget):
-        """Regression prior (``prior='histosge'``): cross-fitted predictions for the training fields (each from a
-        regressor that did not see it), and a regressor on all of them for the fields to predict."""
+    def needs_cell_features(self, budget="quick") -> bool:
+        """True when this method's prior reads ``field.extra['cell_features']`` (``prior='cell'``; never for the
+        plain conditional diffusion, which has no cell level)."""
+        return not self.ablate_all and self.resolved_knobs(budget).get("prior") == "cell"
+
+    def _fit_prior(self, train_fields, val_field, seed, budget, kind="histosge"):
+        """Regression prior (``prior='histosge'`` or ``'cell'``): cross-fitted predictions for the training fields
+        (each from a regressor that did not see it), and a regressor on all of them for the fields to predict."""
         from .baselines import HisToSGEStyle
+        from .prior import CellRidgePrior
 
         pb = budget if isinstance(budget, str) and budget in HisToSGEStyle.BUDGETS else "quick"
+
+        def make(fields, s):
+            if kind == "cell":
+                return CellRidgePrior().fit(fields)
+            return HisToSGEStyle(mask_output=False).fit(fields, val_field, seed=s, budget=pb)
+
         out = []
         for i, f in enumerate(train_fields):
             others = [g for j, g in enumerate(train_fields) if j != i]
             if not others:  # one training section: no held-out prior possible, keep the cubic
                 out.append(f)
                 continue
-            reg = HisToSGEStyle(mask_output=False).fit(others, val_field, seed=seed + i, budget=pb)
-            out.append(self._with_prior(f, reg.predict(f)))
-        self.prior_ = HisToSGEStyle(mask_output=False).fit(train_fields, val_field, seed=seed, budget=pb)
+            out.append(self._with_prior(f, make(others, seed + i).predict(f)))
+        self.prior_ = make(train_fields, seed)
         return out
+
+    def predict_prior(self, field) -> np.ndarray | None:
+        """The regression prior's own map for ``field`` (masked), or None without a prior."""
+        if getattr(self, "prior_", None) is None:
+            return None
+        return np.asarray(self.prior_.predict(field), np.float32) * np.asarray(field.hr_mask, np.float32)[None]
 
     def predict(self, field) -> np.ndarray:
         from . import pipeline as P
@@ -267,9 +293,11 @@ def make_method(name: str, device: str = "auto", verbose: bool = False, **kwargs
         return DiffusionMethod(False, device=device, verbose=verbose, **kwargs)
     if name == "cond_diffusion":
         return DiffusionMethod(True, device=device, verbose=verbose, **kwargs)
+    if name == "histosge_cell":
+        return make_baseline("histosge", cell_features=True, **kwargs)
     if name in BASELINES:
         return make_baseline(name, **kwargs)
-    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES)} or 'all'")
+    raise ValueError(f"unknown method {name!r}; choose from {', '.join(METHOD_NAMES + EXTRA_METHODS)} or 'all'")
 
 
 def parse_methods(spec: str | Sequence[str]) -> list[str]:
@@ -282,8 +310,9 @@ def parse_methods(spec: str | Sequence[str]) -> list[str]:
     for it in items:
         names = list(METHOD_NAMES) if it == "all" else [it]
         for n in names:
-            if n not in METHOD_NAMES:
-                raise DiffSTError(f"unknown method {n!r}; choose from {', '.join(METHOD_NAMES)} or 'all'")
+            if n not in METHOD_NAMES + EXTRA_METHODS:
+                raise DiffSTError(f"unknown method {n!r}; choose from {', '.join(METHOD_NAMES + EXTRA_METHODS)} "
+                                  "or 'all'")
             if n not in out:
                 out.append(n)
     return out
@@ -566,6 +595,24 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
     method_knobs: dict = {}
     import torch
 
+    cell_s: dict | None = None  # seconds spent on cell-level features: {'fit': train + val, <section>: test}
+
+    def cell_features() -> dict:
+        """Cell-level H&E features for every field (once; for methods whose prior needs them)."""
+        from .data.cellfeatures import add_cell_features
+
+        t = {}
+        tc = time.perf_counter()
+        for f, smp in zip(train_f + [val_f], tr_s + [va_s]):
+            add_cell_features(f, smp)
+        t["fit"] = time.perf_counter() - tc
+        for nm, f, smp in zip(test_names, test_f, te_s):
+            tc = time.perf_counter()
+            add_cell_features(f, smp)
+            t[nm] = time.perf_counter() - tc
+        _log(f"cell-level features: {sum(t.values()):.1f} s for {len(t) + len(train_f)} section(s)", quiet)
+        return t
+
     for name in names:
         bud_s = budget if isinstance(budget, str) else "custom"
         _log(f"[{name}] fitting on {len(train_f)} section(s) (budget {bud_s})", quiet)
@@ -574,6 +621,9 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
             kw.setdefault("device", device)
             kw.setdefault("verbose", not quiet)
         method = make_method(name, **kw)
+        uses_cells = bool(getattr(method, "needs_cell_features", lambda b: False)(budget))
+        if uses_cells and cell_s is None:
+            cell_s = cell_features()
         torch.manual_seed(seed)
         cuda = dev_type == "cuda" and name in ("diffst", "cond_diffusion")
         if cuda:
@@ -582,7 +632,7 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
         t1 = time.perf_counter()
         with mem:
             method.fit(train_f, val_f, seed=seed, budget=budget)
-        fit_s = time.perf_counter() - t1
+        fit_s = time.perf_counter() - t1 + (cell_s["fit"] if uses_cells else 0.0)
         fit_peak = mem.peak_mb
         if isinstance(method, DiffusionMethod):  # the options used and how far training got (time caps)
             method_knobs[name] = dict(json.loads(json.dumps(method.knobs_, default=str)),
@@ -595,6 +645,11 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
                 pred = np.asarray(method.predict(f), np.float32)
             pred_s = time.perf_counter() - t2
             row, ceiling = score_row(pred, f, seed=seed)
+            if uses_cells:
+                pred_s += cell_s.get(nm, 0.0)
+            if isinstance(method, DiffusionMethod) and getattr(method, "prior_", None) is not None:  # the prior alone, for reference
+                pr, _ = score_row(method.predict_prior(f), f, seed=seed)
+                method_knobs[name].setdefault("prior_scores", {})[nm] = dict(pr)
             row["seconds"] = round(fit_s + pred_s, 3)
             row["peak_mb"] = round(mem.increase_mb, 1)
             if cuda:
@@ -740,8 +795,8 @@ def _validate_run(obj, where="result") -> list[str]:
             continue
         for mn, row in ms.items():
             wm = f"{w}.methods[{mn!r}]"
-            if mn not in METHOD_NAMES:
-                errs.append(f"{wm}: unknown method (expected one of {METHOD_NAMES})")
+            if mn not in METHOD_NAMES + EXTRA_METHODS:
+                errs.append(f"{wm}: unknown method (expected one of {METHOD_NAMES + EXTRA_METHODS})")
             errs += _check_keys(row, METRICS, _OPTIONAL_METHOD_KEYS, wm)
             if not isinstance(row, dict):
                 continue
@@ -975,7 +1030,8 @@ def add_commands(sub) -> None:
     g = b.add_mutually_exclusive_group()
     g.add_argument("--n-genes", type=int, default=25, help="panel size chosen on the training sections")
     g.add_argument("--genes", help="comma-separated gene names instead of --n-genes")
-    b.add_argument("--methods", default="all", help=f"'all' or a comma list of {','.join(METHOD_NAMES)}")
+    b.add_argument("--methods", default="all", help=f"'all' or a comma list of {','.join(METHOD_NAMES + EXTRA_METHODS)} "
+                   "(histosge_cell is an ablation that 'all' leaves out)")
     b.add_argument("--budget", choices=list(BUDGETS), default="quick",
                    help="quick: ≤ 15 min on 2 CPU cores for the dev split; full: for a GPU; tiny: tests")
     b.add_argument("--seed", type=int, default=0)
