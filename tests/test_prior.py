@@ -161,3 +161,17 @@ def test_cli_cell_prior_and_histosge_cell_rows(tmp_path):
     assert kn["prior"] == "cell"
     ps = kn["prior_scores"]["synthetic0"]
     assert set(ps) == {"pcc", "rmse", "ssim", "detail_pcc"} and ps["pcc"] is not None
+
+
+def test_cell_features_do_not_upsample_a_coarse_image(fixtures_dir):
+    """A Space Ranger lowres PNG (≈ 22 µm/px) is read at its own pixel size, not magnified to 1.25 µm/px."""
+    from napari_diffst import pipeline as P
+
+    smp = P.load_data(str(fixtures_dir / "visium_cytassist_placenta" / "outs"), seed=0)
+    genes = [g for g in smp.genes[:200] if smp.counts()[:, list(smp.genes).index(g)].sum() > 0][:2]
+    (f,), _ = P.make_fields([smp], genes, 2)
+    add_cell_features(f, smp)
+    native = smp.um_per_px * smp.image.fullres_per_px
+    assert native > 5 and f.extra["cell_um_per_px"] == pytest.approx(native)
+    F = f.extra["cell_features"]
+    assert F.shape[1:] == f.hr_shape and np.isfinite(F).all() and F[:, f.hr_mask].std(axis=1).max() > 0

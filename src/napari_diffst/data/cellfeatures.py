@@ -128,11 +128,16 @@ def cell_feature_maps(sample, A_hr: np.ndarray, hr_shape: tuple[int, int], hr_um
 def add_cell_features(field, sample, *, um_per_px: float = 1.25, force: bool = False):
     """Compute :func:`cell_feature_maps` for ``field`` (made from ``sample`` by ``make_field``) and store them
     in ``field.extra['cell_features']`` (F, H, W) with ``field.extra['cell_feature_names']`` and
-    ``field.extra['cell_um_per_px']``.  Returns the field (modified in place); a no-op when present."""
+    ``field.extra['cell_um_per_px']`` (``um_per_px``, or the image's own pixel size when that is coarser:
+    a downscaled PNG is not upsampled).  Returns the field (modified in place); a no-op when present."""
     if not force and field.extra.get("cell_features") is not None:
         return field
     T = np.asarray(sample.transform, float)
     A_hr = np.linalg.solve(T, np.asarray(field.extra["hr_affine"], float))  # HR index → spot frame
+    img = getattr(sample, "image", None)
+    if img is not None:  # never sample finer than the image itself (e.g. a Space Ranger hires/lowres PNG)
+        native = float(sample.um_per_px) * float(getattr(img, "fullres_per_px", 1.0) or 1.0)
+        um_per_px = max(float(um_per_px), native)
     spot_um = float(getattr(sample, "spot_diameter_um", 0) or 0) or None
     field.extra["cell_features"] = cell_feature_maps(sample, A_hr, field.hr_shape, field.hr_um,
                                                      um_per_px=um_per_px, spot_um=spot_um)
