@@ -48,6 +48,18 @@ def fixtures_dir(shared_dir) -> Path:
     return d
 
 
+@pytest.fixture
+def isolated_settings(tmp_path):
+    """QSettings in a temporary folder (never the user's ~/.config)."""
+    from qtpy.QtCore import QSettings
+
+    d = tmp_path / "qsettings"
+    d.mkdir()
+    for fmt in (QSettings.NativeFormat, QSettings.IniFormat):
+        QSettings.setPath(fmt, QSettings.UserScope, str(d))
+    return d
+
+
 def has_display() -> bool:
     return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
 

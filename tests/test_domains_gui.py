@@ -14,17 +14,6 @@ pytestmark = pytest.mark.gui
 
 
 @pytest.fixture
-def isolated_settings(tmp_path):
-    from qtpy.QtCore import QSettings
-
-    d = tmp_path / "qsettings"
-    d.mkdir()
-    for fmt in (QSettings.NativeFormat, QSettings.IniFormat):
-        QSettings.setPath(fmt, QSettings.UserScope, str(d))
-    return d
-
-
-@pytest.fixture
 def notes(monkeypatch):
     """Error and info notifications the dock shows."""
     import napari.utils.notifications as N

@@ -15,6 +15,7 @@ from napari_diffst.model import (
     default_config, normalized_adjacency, patch_entropy,
 )
 from napari_diffst.model.histology import CellTissueAttention, extract_patches
+from model_helpers import build_tiny, random_batch
 
 torch.set_num_threads(1)
 
@@ -23,19 +24,10 @@ TINY = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=1, hist_channe
 
 
 def tiny(**kw) -> DiffSTDenoiser:
-    torch.manual_seed(0)
-    cfg = dict(TINY, n_genes=3)
-    cfg.update(kw)
-    return build_model(cfg)
+    return build_tiny(TINY, **kw)
 
 
-def batch(B, G, H, W, k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(B, G, H, W, generator=g) * 2 - 1
-    t = torch.randint(0, 1000, (B,), generator=g)
-    cond = dict(lr_up=torch.rand(B, G, H, W, generator=g) * 2 - 1, lr_mask=torch.ones(B, 1, H, W),
-                he=torch.rand(B, 3, H * k, W * k, generator=g))
-    return x, t, cond
+batch = random_batch
 
 
 def pnames(m):

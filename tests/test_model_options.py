@@ -5,6 +5,7 @@ All tests run on CPU with tiny networks in seconds."""
 from __future__ import annotations
 
 import copy
+from functools import partial
 import json
 
 import numpy as np
@@ -18,6 +19,7 @@ from napari_diffst.model.adversarial import GeneDiscriminator, discriminator_los
 from napari_diffst.model.align import SpatialAlign, smoothness_loss, warp
 from napari_diffst.model.features import (HandcraftedFeatures, available_feature_extractors,
                                           describe_feature_extractor, parse_feature_spec, rgb_to_hed)
+from model_helpers import build_tiny, random_batch
 from napari_diffst.train import Trainer, TrainConfig, load_checkpoint, read_checkpoint, synthetic_batch_fn
 
 torch.set_num_threads(1)
@@ -27,19 +29,10 @@ TINY = dict(base_channels=8, channel_mults=[1, 2], num_res_blocks=1, hist_channe
 
 
 def tiny(seed=0, **kw):
-    torch.manual_seed(seed)
-    cfg = dict(TINY, n_genes=3)
-    cfg.update(kw)
-    return build_model(cfg)
+    return build_tiny(TINY, seed=seed, **kw)
 
 
-def batch(B, G, H, W, k, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(B, G, H, W, generator=g) * 2 - 1
-    t = torch.randint(0, 1000, (B,), generator=g)
-    cond = dict(lr_up=torch.rand(B, G, H, W, generator=g) * 2 - 1, lr_mask=torch.ones(B, 1, H, W),
-                he=torch.rand(B, 3, H * k, W * k, generator=g), hr_mask=torch.ones(B, 1, H, W))
-    return x, t, cond
+batch = partial(random_batch, hr_mask=True)
 
 
 def train_cfg(**kw):

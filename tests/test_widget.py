@@ -20,18 +20,6 @@ STALLS: dict = {}
 
 # --------------------------------------------------------------------------------------------- helpers
 @pytest.fixture
-def isolated_settings(tmp_path, monkeypatch):
-    """QSettings in a temporary folder (never the user's ~/.config)."""
-    from qtpy.QtCore import QSettings
-
-    d = tmp_path / "qsettings"
-    d.mkdir()
-    for fmt in (QSettings.NativeFormat, QSettings.IniFormat):
-        QSettings.setPath(fmt, QSettings.UserScope, str(d))
-    return d
-
-
-@pytest.fixture
 def errors(monkeypatch):
     """Error notifications the dock shows (napari's show_error, captured)."""
     seen: list[str] = []

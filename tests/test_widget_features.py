@@ -8,18 +8,6 @@ import pytest
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture
-def isolated_settings(tmp_path, monkeypatch):
-    """QSettings in a temporary folder (never the user's ~/.config)."""
-    from qtpy.QtCore import QSettings
-
-    d = tmp_path / "qsettings"
-    d.mkdir()
-    for fmt in (QSettings.NativeFormat, QSettings.IniFormat):
-        QSettings.setPath(fmt, QSettings.UserScope, str(d))
-    return d
-
-
 def _train_section(viewer):
     _, w = viewer.window.add_plugin_dock_widget("napari-diffst", "Super-resolve ST")
     return w.sections["train"]

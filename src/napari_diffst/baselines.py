@@ -203,6 +203,24 @@ def _lr_factor(step: int, steps: int, t0: float, max_seconds: float, warmup: flo
     return 0.5 * (1 + np.cos(np.pi * (prog - warmup) / (1 - warmup))) * 0.98 + 0.02
 
 
+class _BestOnVal:
+    """The model state with the best validation score seen so far (``update``), put back by ``restore``."""
+
+    def __init__(self):
+        self.score, self.state = -np.inf, None
+
+    def update(self, score: float, model) -> None:
+        if score > self.score:
+            self.score, self.state = score, copy.deepcopy(model.state_dict())
+
+    def restore(self, model) -> float | None:
+        """Load the best state into ``model``; its score, or None when nothing was validated."""
+        if self.state is None:
+            return None
+        model.load_state_dict(self.state)
+        return float(self.score)
+
+
 def _set_threads(n):
     if n:
         import torch
@@ -615,7 +633,7 @@ class UNetBaseline(Baseline):
         opt = torch.optim.AdamW(model.parameters(), lr=bud["lr"], weight_decay=1e-4)
         from .metrics import pcc_per_gene
 
-        best, best_state = -np.inf, None
+        best = _BestOnVal()
         t0 = time.monotonic()
         t_end = t0 + bud["max_seconds"]
         self.model_ = model
@@ -634,13 +652,12 @@ class UNetBaseline(Baseline):
             last = step == bud["steps"] - 1 or time.monotonic() > t_end
             if val_field is not None and val_field.hr is not None and ((step + 1) % bud["val_every"] == 0 or last):
                 sc = np.nanmean(pcc_per_gene(self._predict_raw(val_field), val_field.hr, val_field.hr_mask))
-                if sc > best:
-                    best, best_state = sc, copy.deepcopy(model.state_dict())
+                best.update(sc, model)
             if last:
                 break
-        if best_state is not None:
-            model.load_state_dict(best_state)
-            self.val_score_ = float(best)
+        sc = best.restore(model)
+        if sc is not None:
+            self.val_score_ = sc
         model.eval()
         return self
 
@@ -860,7 +877,7 @@ class HisToSGEStyle(Baseline):
             opt = torch.optim.AdamW(model.parameters(), lr=bud["lr"], weight_decay=self.weight_decay)
             t0 = time.monotonic()
             max_s = bud["max_seconds"] / bud["ensemble"]
-            best, best_state, step = -np.inf, None, 0
+            best, step = _BestOnVal(), 0
             for step in range(int(bud["steps"])):
                 model.train()
                 for gr in opt.param_groups:
@@ -876,15 +893,12 @@ class HisToSGEStyle(Baseline):
                 if use_val and ((step + 1) % bud["val_every"] == 0 or last):
                     p = self._predict_residual(model, val_field, val_arrays) + val_arrays[3]
                     sc = float(np.nanmean(pcc_per_gene(p, val_field.hr, val_field.hr_mask)))
-                    if sc > best:
-                        best, best_state = sc, copy.deepcopy(model.state_dict())
+                    best.update(sc, model)
                 if last:
                     break
-            if best_state is not None:
-                model.load_state_dict(best_state)
+            self.val_scores_.append(best.restore(model))
             model.eval()
             self.models_.append(model)
-            self.val_scores_.append(float(best) if best_state is not None else None)
             self.steps_.append(step + 1)
         self.alpha_ = 1.0
         if use_val and self.shrink:

@@ -23,17 +23,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import DataFormatError
+from .metrics import block_mean, detail_pcc_per_gene, pcc_per_gene
 
 __all__ = ["CellRidgePrior", "prior_design"]
-
-
-def _block_mean_up(F: np.ndarray, s: int, mask: np.ndarray) -> np.ndarray:
-    C, H, W = F.shape
-    w = mask.astype(np.float32)
-    num = (F * w).reshape(C, H // s, s, W // s, s).sum(axis=(2, 4))
-    den = w.reshape(H // s, s, W // s, s).sum(axis=(1, 3))
-    bm = num / np.maximum(den, 1e-6)
-    return np.repeat(np.repeat(bm, s, axis=1), s, axis=2)
 
 
 def _neighbour_mean(F: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -56,7 +48,9 @@ def prior_design(field) -> np.ndarray:
         raise DataFormatError(None, f"field {field.name!r}: cell features {F.shape} not on the HR grid "
                               f"{field.hr_shape}", "(F, H, W) on the field's HR grid")
     mask = np.asarray(field.hr_mask, bool)
-    return np.concatenate([F, F - _block_mean_up(F, int(field.scale), mask), _neighbour_mean(F, mask),
+    s = int(field.scale)
+    bm = np.repeat(np.repeat(block_mean(F, s, mask)[0], s, axis=1), s, axis=2)
+    return np.concatenate([F, F - bm, _neighbour_mean(F, mask),
                            np.asarray(field.lr_upsampled(3), np.float32)]).astype(np.float32)
 
 
@@ -74,8 +68,8 @@ class CellRidgePrior:
         self.coef_ = None
 
     @staticmethod
-    def _xy(field):
-        X = prior_design(field)
+    def _xy(field, X):
+        """In-tissue rows of the design ``X`` and of the target ``truth − LR↑``."""
         m = np.asarray(field.hr_mask, bool)
         up = np.asarray(field.lr_upsampled(3), np.float32)
         return X[:, m].T.astype(np.float64), (np.asarray(field.hr, np.float32) - up)[:, m].T.astype(np.float64)
@@ -91,22 +85,21 @@ class CellRidgePrior:
         return mu, sd, B, ym
 
     @staticmethod
-    def _apply(params, field):
+    def _apply(params, field, X=None):
         mu, sd, B, ym = params
-        X = prior_design(field)
+        X = prior_design(field) if X is None else X
         F, H, W = X.shape
         R = ((X.reshape(F, -1).T - mu) / sd) @ B + ym
         return (np.asarray(field.lr_upsampled(3), np.float32) + R.T.reshape(-1, H, W)).astype(np.float32)
 
     def fit(self, train_fields, val_field=None, seed: int = 0, budget=None):
-        from .metrics import detail_pcc_per_gene, pcc_per_gene
-
         fields = [f for f in train_fields if getattr(f, "hr", None) is not None]
         if not fields:
             raise DataFormatError(None, "the cell-level prior needs training fields with HR truth",
                                   "degrade or truth fields")
         self.genes_ = list(fields[0].genes)
-        data = [self._xy(f) for f in fields]
+        designs = [prior_design(f) for f in fields]
+        data = [self._xy(f, X) for f, X in zip(fields, designs)]
         self.cv_ = {}
         if len(fields) > 1 and len(self.lams) > 1:
             for lam in self.lams:
@@ -114,7 +107,7 @@ class CellRidgePrior:
                 for i, f in enumerate(fields):
                     X = np.concatenate([d[0] for j, d in enumerate(data) if j != i])
                     Y = np.concatenate([d[1] for j, d in enumerate(data) if j != i])
-                    p = self._apply(self._solve(X, Y, lam), f)
+                    p = self._apply(self._solve(X, Y, lam), f, designs[i])
                     m = np.asarray(f.hr_mask, bool)
                     sc.append((np.nanmean(pcc_per_gene(p, f.hr, m)),
                                np.nanmean(detail_pcc_per_gene(p, f.hr, f.lr_upsampled(0), m))))

@@ -31,7 +31,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from .data.pairs import SRField
+from .data.pairs import GeneGrid, SRField
 from .errors import CancelledError, DataFormatError
 
 __all__ = ["TilePlan", "plan_tiles", "axis_windows", "seam_ratio", "PositionNoise", "FieldSource", "SlideSource",
@@ -221,7 +221,7 @@ def _upsample_crop(lr: np.ndarray, lr_mask: np.ndarray, s: int, r0: int, c0: int
     return _crop(up, r0 - a0c * s, c0 - b0c * s, h, w)
 
 
-class TileSource:
+class TileSource(GeneGrid):
     """What the tiled sampler needs from a section: LR maps, masks, and the model condition of a window."""
 
     genes: list
@@ -234,14 +234,6 @@ class TileSource:
     hr_mask: np.ndarray     # (H, W) bool
     hr_affine: np.ndarray   # HR pixel index (col, row, 1) → full-res image px
     name: str = "section"
-
-    @property
-    def G(self) -> int:
-        return len(self.genes)
-
-    @property
-    def hr_shape(self) -> tuple[int, int]:
-        return (self.lr.shape[1] * self.scale, self.lr.shape[2] * self.scale)
 
     def _take(self, fld: SRField) -> None:
         """Copy what tiling needs (names, sizes, LR maps, masks, placement) from a field."""

@@ -13,11 +13,23 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["SRField", "random_patches", "Patches"]
+__all__ = ["GeneGrid", "SRField", "random_patches", "Patches"]
+
+
+class GeneGrid:
+    """``G`` and ``hr_shape`` of anything with ``genes``, ``lr`` (G, h, w) and ``scale``."""
+
+    @property
+    def G(self) -> int:
+        return len(self.genes)
+
+    @property
+    def hr_shape(self) -> tuple[int, int]:
+        return (self.lr.shape[1] * self.scale, self.lr.shape[2] * self.scale)
 
 
 @dataclass
-class SRField:
+class SRField(GeneGrid):
     """One section on aligned LR / HR / H&E rasters.
 
     Shapes: ``lr`` (G, h, w); ``hr`` (G, h*s, w*s) or None when no truth; masks (h, w) / (H, W) bool;
@@ -44,14 +56,6 @@ class SRField:
     #: raw counts behind ``hr`` (spots × genes), for the split-half reference
     hr_counts: object | None = None
     extra: dict = field(default_factory=dict)
-
-    @property
-    def G(self) -> int:
-        return len(self.genes)
-
-    @property
-    def hr_shape(self) -> tuple[int, int]:
-        return (self.lr.shape[1] * self.scale, self.lr.shape[2] * self.scale)
 
     def lr_upsampled(self, order: int = 0) -> np.ndarray:
         """LR map on the HR grid: order 0 = block copy; order 3 = edge-aware cubic spline (out-of-tissue LR
