@@ -15,17 +15,17 @@ The procedure (:func:`compute_domains`):
    ``histology=`` (F, H, W) features (for example :func:`napari_diffst.baselines.histology_features`),
    these are standardised too. The histology block is scaled by ``hist_weight · sqrt(G / F)``, so at
    weight 1 it carries as much total variance as the genes.
-2. **PCA** to ``n_components`` (eigen-decomposition of the feature covariance; signs fixed so that
-   the largest loading of each component is positive).
+2. **PCA** to ``n_components`` (scikit-learn, full SVD; signs fixed so that the largest loading of
+   each component is positive).
 3. **Optional spatial smoothing** of the embedding: a Gaussian of ``smooth_sigma`` pixels,
    normalised by the smoothed mask, so that only tissue pixels contribute.
-4. **k-means** (numpy, seeded k-means++ init, ``n_init`` restarts, Lloyd iterations; fitted on at
+4. **k-means** (scikit-learn's ``KMeans``: seeded k-means++ init, ``n_init`` restarts; fitted on at
    most ``max_fit`` random pixels, then every pixel is assigned to its nearest centre). Domains are
    numbered by size: domain 1 is the largest. ``method='leiden'`` uses ``leidenalg`` on a kNN graph
    of the embedding when ``leidenalg`` and ``igraph`` are installed (they are optional).
 
-Agreement (:func:`adjusted_rand_index`, :func:`normalized_mutual_info`) is computed in numpy from the
-contingency table. NMI uses the arithmetic mean of the two entropies, as scikit-learn does by default.
+Agreement (:func:`adjusted_rand_index`, :func:`normalized_mutual_info`) is scikit-learn's
+``adjusted_rand_score`` and ``normalized_mutual_info_score`` (arithmetic mean of the two entropies).
 LR labels are brought to the HR grid by nearest-neighbour (block) upsampling
 (:func:`upsample_labels`). Pixels count only where both maps have a domain.
 """
@@ -90,22 +90,19 @@ def standardise(X: np.ndarray) -> np.ndarray:
 def pca(X: np.ndarray, n_components: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Principal components of ``X`` (n, D): scores (n, c), loadings (D, c), explained variance ratio (c,).
 
-    Deterministic: eigen-decomposition of the D × D covariance, components ordered by variance, the sign
-    of each chosen so its largest-magnitude loading is positive."""
+    scikit-learn's :class:`~sklearn.decomposition.PCA` (full SVD, so deterministic), with the sign of
+    each component chosen so its largest-magnitude loading is positive."""
+    from sklearn.decomposition import PCA
+
     X = np.asarray(X, np.float64)
-    Xc = X - X.mean(axis=0)
-    n, D = Xc.shape
+    n, D = X.shape
     c = int(max(1, min(n_components, D, max(n - 1, 1))))
-    cov = Xc.T @ Xc / max(n - 1, 1)
-    vals, vecs = np.linalg.eigh(cov)
-    order = np.argsort(vals)[::-1]
-    vals, vecs = np.clip(vals[order], 0, None), vecs[:, order]
-    V = vecs[:, :c]
+    p = PCA(n_components=c, svd_solver="full").fit(X)
+    V = p.components_.T.copy()
     sign = np.sign(V[np.argmax(np.abs(V), axis=0), np.arange(c)])
     V = V * np.where(sign == 0, 1.0, sign)
-    tot = vals.sum()
-    evr = vals[:c] / tot if tot > 0 else np.zeros(c)
-    return Xc @ V, V, evr
+    evr = np.nan_to_num(np.asarray(p.explained_variance_ratio_, np.float64))
+    return (X - p.mean_) @ V, V, evr
 
 
 def smooth_embedding(E: np.ndarray, mask: np.ndarray, sigma: float) -> np.ndarray:
@@ -128,32 +125,14 @@ def _sqdist(X: np.ndarray, C: np.ndarray) -> np.ndarray:
     return np.maximum(d, 0.0)
 
 
-def _kmeanspp(X: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding (Arthur & Vassilvitskii 2007), with 2 + log k local trials per centre."""
-    n = len(X)
-    trials = 2 + int(np.log(k))
-    centres = np.empty((k, X.shape[1]))
-    centres[0] = X[rng.integers(n)]
-    d2 = _sqdist(X, centres[:1])[:, 0]
-    for j in range(1, k):
-        tot = d2.sum()
-        if tot <= 0:  # fewer distinct points than k: repeat one
-            centres[j:] = centres[0]
-            break
-        cand = np.searchsorted(np.cumsum(d2), rng.random(trials) * tot)
-        cand = np.minimum(cand, n - 1)
-        dc = np.minimum(d2[:, None], _sqdist(X, X[cand]))
-        best = int(np.argmin(dc.sum(0)))
-        centres[j] = X[cand[best]]
-        d2 = dc[:, best]
-    return centres
-
-
 def kmeans(X: np.ndarray, k: int, *, seed: int = 0, n_init: int = 10, max_iter: int = 300,
            tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, float]:
-    """k-means with seeded k-means++ init and ``n_init`` restarts (the lowest inertia wins).
+    """k-means (scikit-learn's :class:`~sklearn.cluster.KMeans`: k-means++ init seeded by ``seed``,
+    ``n_init`` restarts, the lowest inertia wins).
 
     Returns labels (n,) in 0..k-1, centres (k, D) and the inertia (sum of squared distances)."""
+    from sklearn.cluster import KMeans
+
     X = np.asarray(X, np.float64)
     n = len(X)
     k = int(k)
@@ -161,36 +140,9 @@ def kmeans(X: np.ndarray, k: int, *, seed: int = 0, n_init: int = 10, max_iter: 
         raise ValueError("k must be ≥ 1")
     if n < k:
         raise ValueError(f"{n} pixels cannot form {k} domains")
-    rng = np.random.default_rng(seed)
-    scale = float(np.mean(X.var(axis=0))) or 1.0
-    best = (None, None, np.inf)
-    for _ in range(max(1, int(n_init))):
-        C = _kmeanspp(X, k, rng)
-        lab = None
-        for _it in range(int(max_iter)):
-            d = _sqdist(X, C)
-            new = np.argmin(d, axis=1)
-            C_new = C.copy()
-            cnt = np.bincount(new, minlength=k)
-            for j in range(k):
-                if cnt[j]:
-                    C_new[j] = X[new == j].mean(axis=0)
-                else:  # empty cluster: restart it at the point farthest from its centre
-                    far = int(np.argmax(d[np.arange(n), new]))
-                    C_new[j] = X[far]
-                    new[far] = j
-            shift = float(((C_new - C) ** 2).sum())
-            C = C_new
-            if lab is not None and np.array_equal(new, lab) or shift <= tol * scale:
-                lab = new
-                break
-            lab = new
-        d = _sqdist(X, C)
-        lab = np.argmin(d, axis=1)
-        inertia = float(d[np.arange(n), lab].sum())
-        if inertia < best[2] - 1e-12 * max(1.0, abs(best[2]) if np.isfinite(best[2]) else 1.0):
-            best = (lab, C, inertia)
-    return best[0].astype(np.int64), best[1], best[2]
+    km = KMeans(n_clusters=k, init="k-means++", n_init=max(1, int(n_init)), max_iter=int(max_iter), tol=tol,
+                random_state=int(seed)).fit(X)
+    return km.labels_.astype(np.int64), np.asarray(km.cluster_centers_, np.float64), float(km.inertia_)
 
 
 def has_leiden() -> bool:
@@ -350,58 +302,32 @@ def upsample_labels(labels: np.ndarray, scale: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- agreement
 def contingency(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Contingency table (n_a_labels, n_b_labels) of two labelings of the same items."""
+    from sklearn.metrics.cluster import contingency_matrix
+
     a = np.asarray(a).ravel()
     b = np.asarray(b).ravel()
     if a.shape != b.shape:
         raise ValueError(f"labelings differ in length: {a.shape} vs {b.shape}")
-    _, ai = np.unique(a, return_inverse=True)
-    _, bi = np.unique(b, return_inverse=True)
-    na, nb = (int(ai.max()) + 1, int(bi.max()) + 1) if a.size else (0, 0)
-    return np.bincount(ai * nb + bi, minlength=na * nb).reshape(na, nb).astype(np.float64)
-
-
-def _comb2(x):
-    x = np.asarray(x, np.float64)
-    return x * (x - 1) / 2
+    if not a.size:
+        return np.zeros((0, 0))
+    return np.asarray(contingency_matrix(a, b), np.float64)
 
 
 def adjusted_rand_index(a: np.ndarray, b: np.ndarray) -> float:
-    """Adjusted Rand index (Hubert & Arabie 1985) of two labelings; 1 = identical partitions, ≈ 0 =
-    chance. Both trivial (one cluster, or all singletons, identically): 1."""
-    C = contingency(a, b)
-    n = C.sum()
-    if n < 2:
-        return 1.0
-    sum_ij = _comb2(C).sum()
-    sa, sb = _comb2(C.sum(1)).sum(), _comb2(C.sum(0)).sum()
-    expected = sa * sb / _comb2(n)
-    maxi = 0.5 * (sa + sb)
-    if np.isclose(maxi, expected):
-        return 1.0 if np.isclose(sum_ij, maxi) else 0.0
-    return float((sum_ij - expected) / (maxi - expected))
+    """Adjusted Rand index (Hubert & Arabie 1985; scikit-learn's ``adjusted_rand_score``) of two
+    labelings; 1 = identical partitions, ≈ 0 = chance."""
+    from sklearn.metrics import adjusted_rand_score
 
-
-def _entropy(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return float(adjusted_rand_score(np.asarray(a).ravel(), np.asarray(b).ravel()))
 
 
 def normalized_mutual_info(a: np.ndarray, b: np.ndarray) -> float:
-    """Normalised mutual information, MI / mean(H(a), H(b)) (arithmetic mean; natural log).
-    Both labelings with a single cluster: 1."""
-    C = contingency(a, b)
-    n = C.sum()
-    if n == 0:
-        return 1.0
-    ha, hb = _entropy(C.sum(1)), _entropy(C.sum(0))
-    if ha == 0 and hb == 0:
-        return 1.0
-    P = C / n
-    pa, pb = P.sum(1, keepdims=True), P.sum(0, keepdims=True)
-    nz = P > 0
-    mi = float((P[nz] * np.log(P[nz] / (pa @ pb)[nz])).sum())
-    den = 0.5 * (ha + hb)
-    return float(np.clip(mi / den, 0.0, 1.0)) if den > 0 else 0.0
+    """Normalised mutual information, MI / mean(H(a), H(b)) (scikit-learn's
+    ``normalized_mutual_info_score``, arithmetic mean). Both labelings with a single cluster: 1."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    return float(normalized_mutual_info_score(np.asarray(a).ravel(), np.asarray(b).ravel(),
+                                              average_method="arithmetic"))
 
 
 def compare_domains(sr_labels: np.ndarray, lr_labels: np.ndarray, scale: int | None = None,
