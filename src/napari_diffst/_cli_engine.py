@@ -120,8 +120,13 @@ def _load_ckpt(path, device):
 
 def cmd_sample(args) -> int:
     from . import pipeline as P
-    from .io.writers import write_ome_zarr
+    from .io.scverse import SectionFrame
+    from .io.writers import choose_format, write_maps
 
+    fmt = choose_format(args.out, args.format)
+    if getattr(args, "tile", 0) and fmt != "ome-zarr":
+        raise DataFormatError(args.out, f"--tile writes OME-Zarr tile by tile (bounded memory), not {fmt}",
+                              "an .ome.zarr output with --tile, or no --tile for .h5ad/.ome.tif/SpatialData")
     model, meta, genes, scale, gene_scale = _load_ckpt(args.checkpoint, args.device)
     sample = P.load_data(args.data, seed=args.seed_data)
     if getattr(args, "tile", 0):
@@ -141,9 +146,9 @@ def cmd_sample(args) -> int:
                             "hr_um": field.hr_um, "units": "log1p(CP10k)", "hr_affine_px": A.tolist(),
                             "um_per_px_fullres": field.um_per_px, "seconds": secs,
                             "gene_scale": [float(x) for x in gene_scale]}}
-    write_ome_zarr(args.out, res.mean * gs, genes, field.hr_um, origin_um,
-                   extra_channels={"uncertainty": res.std * gs}, metadata=md)
-    print(f"wrote {args.out} ({len(genes)} genes + uncertainty, {field.hr_shape[0]}×{field.hr_shape[1]} px at "
+    write_maps(args.out, res.mean * gs, genes, field.hr_um, origin_um, fmt=fmt, mask=np.asarray(field.hr_mask, bool),
+               extra_channels={"uncertainty": res.std * gs}, metadata=md, frame=SectionFrame.from_field(field, sample))
+    print(f"wrote {args.out} as {fmt} ({len(genes)} genes + uncertainty, {field.hr_shape[0]}×{field.hr_shape[1]} px at "
           f"{field.hr_um:.4g} µm) in {secs:.1f} s")
     return 0
 
@@ -226,7 +231,8 @@ def add_commands(sub) -> None:
     t.add_argument("--out", required=True, help="checkpoint folder")
     t.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("sample", help="super-resolve a section with a trained checkpoint → OME-Zarr")
+    s = sub.add_parser("sample", help="super-resolve a section with a trained checkpoint → OME-Zarr, OME-TIFF, "
+                                      ".h5ad or SpatialData")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--data", required=True, help="section path or 'synthetic'")
     s.add_argument("--steps", type=int, default=50, help="respaced sampling steps")
@@ -241,7 +247,11 @@ def add_commands(sub) -> None:
                    help="HR pixels per tile side: whole-slide tiled sampling with bounded memory (0: one field)")
     s.add_argument("--overlap", type=int, default=16, help="tile overlap in HR pixels (blended)")
     s.add_argument("--batch-tiles", type=int, default=4, help="tiles per denoiser call")
-    s.add_argument("--out", required=True, help="output .zarr folder")
+    s.add_argument("--out", required=True,
+                   help="output: .ome.zarr/.zarr (OME-Zarr), .ome.tif(f) (OME-TIFF), .h5ad (AnnData for scanpy/squidpy), "
+                        ".sdata.zarr (SpatialData); --format overrides the suffix")
+    s.add_argument("--format", choices=["ome-zarr", "tiff", "h5ad", "spatialdata"], default=None,
+                   help="output format (default: from the --out suffix)")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="score super-resolved maps against HR truth")

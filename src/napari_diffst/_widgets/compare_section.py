@@ -33,7 +33,7 @@ BASELINE_TEXT = {
     "histosge": "HisToSGE-style (spot regressor)",
 }
 FORMATS = (("ome-zarr", "OME-Zarr (.ome.zarr)", ".ome.zarr"), ("tiff", "OME-TIFF (.ome.tif)", ".ome.tif"),
-           ("h5ad", "AnnData (.h5ad)", ".h5ad"))
+           ("h5ad", "AnnData (.h5ad)", ".h5ad"), ("spatialdata", "SpatialData (.sdata.zarr)", ".sdata.zarr"))
 
 
 
@@ -361,8 +361,10 @@ class CompareSection(Section):
         path, _ = QFileDialog.getSaveFileName(self, title, suggested, filt)
         return path
 
-    def export_maps(self, path, fmt: str = "ome-zarr", method: str = "Diff-ST") -> Path:
-        """Write one method's maps (log1p CP10k; Diff-ST with its uncertainty) in ``fmt``."""
+    def export_maps(self, path, fmt: str | None = "ome-zarr", method: str = "Diff-ST") -> Path:
+        """Write one method's maps (log1p CP10k; Diff-ST with its uncertainty) in ``fmt`` (None: by the
+        path's suffix, :func:`napari_diffst.io.writers.choose_format`); h5ad and SpatialData in the
+        section's frame (:class:`napari_diffst.io.scverse.SectionFrame`)."""
         from ..io import writers as W
 
         fld = self.field
@@ -382,15 +384,11 @@ class CompareSection(Section):
                                 "gene_scale": [float(x) for x in fld.gene_scale]}}
         if self.result is not None and method == "Diff-ST":
             md["napari_diffst"].update(steps=self.result.steps, n_samples=self.result.n_samples)
-        if fmt == "ome-zarr":
-            out = W.write_ome_zarr(path, maps, list(fld.genes), fld.hr_um, origin, extra_channels=extra, metadata=md)
-        elif fmt == "tiff":
-            out = W.write_tiff(path, maps, list(fld.genes), fld.hr_um, origin, extra_channels=extra, metadata=md)
-        elif fmt == "h5ad":
-            out = W.write_h5ad(path, maps, list(fld.genes), fld.hr_um, mask, origin, extra_channels=extra,
-                               metadata=md)
-        else:
-            raise ValueError(f"unknown format {fmt!r}")
+        from ..io.scverse import SectionFrame
+
+        frame = SectionFrame.from_field(fld, self.state.sample)
+        out = W.write_maps(path, maps, list(fld.genes), fld.hr_um, origin, fmt=fmt, mask=mask, extra_channels=extra,
+                           metadata=md, frame=frame)
         return Path(out)
 
     def export_maps_dialog(self):
@@ -403,8 +401,9 @@ class CompareSection(Section):
         path = self.ask_save_path("Export maps", str(start), f"{self.export_fmt.currentText()};;All files (*)")
         if not path:
             return
-        if not path.endswith(ext) and not (fmt == "tiff" and path.endswith((".tif", ".tiff"))) \
-                and not (fmt == "ome-zarr" and path.endswith(".zarr")):
+        from ..io.writers import OUTPUT_FORMATS
+
+        if not path.lower().endswith(OUTPUT_FORMATS[fmt]) and not (fmt == "spatialdata" and path.endswith(".zarr")):
             path += ext
         try:
             out = self.export_maps(path, fmt, method)

@@ -68,6 +68,7 @@ FORMATS = {
     "legacy_st": "legacy Spatial Transcriptomics (counts .tsv + spot file + H&E)",
     "h5ad": "AnnData .h5ad with obsm['spatial']",
     "image": "histology image",
+    "spatialdata": "SpatialData zarr (image + spot circles + table)",
 }
 
 #: Space Ranger defines ``spot_diameter_fullres`` as the pixels spanning a *theoretical 65 µm* spot
@@ -393,6 +394,10 @@ def _detect(p: Path) -> str | None:
     if not p.exists():
         return None
     if p.is_dir():
+        from .spatialdata import is_spatialdata
+
+        if is_spatialdata(p):
+            return "spatialdata"
         if _resolve_hd_dir(p, strict=False) is not None:
             return "visium_hd"
         outs = _resolve_outs(p, strict=False)
@@ -432,6 +437,10 @@ def read(path, **kwargs) -> Sample:
             p, "not a recognised spatial-transcriptomics dataset or histology image",
             "a Space Ranger outs folder, a Visium HD square_XXXum folder, a legacy ST folder (counts .tsv + "
             "spot/selection .tsv + H&E), an .h5ad with obsm['spatial'], or a TIFF/SVS/JPEG/PNG image")
+    if fmt == "spatialdata":
+        from .spatialdata import read_spatialdata
+
+        return read_spatialdata(p, **kwargs)
     reader = {"visium": read_visium, "visium_hd": read_visium_hd, "legacy_st": read_legacy_st,
               "h5ad": read_h5ad, "image": read_image}[fmt]
     return reader(p, **kwargs)

@@ -10,8 +10,11 @@ pixel (0, 0) (the napari ``translate`` convention, also what NGFF's ``translatio
   pyramid. :class:`OmeZarrWriter` accepts tiles one at a time (tiled inference) and finalises the
   pyramid and metadata on :meth:`~OmeZarrWriter.close`.
 * :func:`write_tiff` — OME-TIFF (tifffile) with ``PhysicalSizeX/Y`` in µm and channel names.
-* :func:`write_h5ad` — AnnData with one observation per (masked) pixel, ``X`` = values,
-  ``obsm['spatial']`` pixel centres (x, y) in µm, ``obsm['spatial_px']`` (col, row) pixel indices.
+* :func:`write_h5ad` — AnnData with one observation per (masked) pixel in the section's frame, for
+  scanpy/squidpy (:mod:`napari_diffst.io.scverse`): ``obsm['spatial']`` in full-resolution pixels,
+  ``obsm['spatial_um']`` in µm, ``uns['spatial']`` with the section's image.
+* :func:`write_maps` — any of these (or SpatialData, :mod:`napari_diffst.io.spatialdata`), chosen by
+  :func:`choose_format` from the suffix or an explicit format.
 
 Optional ``extra_channels`` (e.g. ``{'uncertainty': (G, Y, X)}``) are appended as channels
 labelled ``"GENE [name]"`` (Zarr/TIFF) or stored as ``layers[name]`` (h5ad).
@@ -43,6 +46,9 @@ __all__ = [
     "write_ome_zarr",
     "write_tiff",
     "write_h5ad",
+    "write_maps",
+    "choose_format",
+    "OUTPUT_FORMATS",
     "read_ome_zarr",
     "read_tiff_maps",
     "read_h5ad_maps",
@@ -628,13 +634,20 @@ def _read_tiff_full(path: Path) -> MapsFile:
 # AnnData (.h5ad)
 # --------------------------------------------------------------------------------------------
 def write_h5ad(path, maps, genes=None, um_per_px: float = 1.0, mask=None, origin_um=(0.0, 0.0), *,
-               extra_channels: Mapping[str, object] | None = None, metadata: dict | None = None) -> Path:
+               extra_channels: Mapping[str, object] | None = None, metadata: dict | None = None,
+               frame=None) -> Path:
     """Write the maps as an AnnData with one observation per pixel of ``mask`` (default: pixels with
-    any finite value). ``X`` (pixels × genes) float32; ``obs`` ``row``/``col``; ``obsm['spatial']``
-    pixel centres (x, y) in µm (``origin + index · um_per_px``), ``obsm['spatial_px']`` (col, row);
-    ``layers[name]`` for extra channels; ``uns['napari_diffst']`` the grid metadata."""
-    import anndata as ad
-    import pandas as pd
+    any finite value), laid out for scanpy/squidpy by :func:`napari_diffst.io.scverse.sr_anndata`:
+    ``obsm['spatial']`` in full-resolution pixels of the section image, ``obsm['spatial_um']`` in µm,
+    ``uns['spatial']`` with the section's image and scale factors, ``obs`` ``row``/``col``/``barcode``/
+    ``in_tissue``, ``layers[name]`` for extra channels, ``uns['napari_diffst']`` the grid metadata.
+
+    ``frame`` (a :class:`~napari_diffst.io.scverse.SectionFrame`, e.g. ``SectionFrame.from_field(field,
+    sample)``) places the grid in its section. Without it only the µm grid is known: full-res pixels
+    are then taken as 1 µm, there is no image and no barcode."""
+    import anndata  # noqa: F401  (fail early with the real ImportError)
+
+    from .scverse import SectionFrame, sr_anndata
 
     path = Path(path)
     maps, genes, um, origin, extra = _check(path, maps, genes, um_per_px, origin_um, extra_channels)
@@ -645,19 +658,10 @@ def write_h5ad(path, maps, genes=None, um_per_px: float = 1.0, mask=None, origin
     mask = np.asarray(mask, bool)
     if mask.shape != (H, W):
         raise DataFormatError(path, f"mask of shape {mask.shape} for maps of {(H, W)}", "a (Y, X) boolean mask")
-    rr, cc = np.nonzero(mask)
-    X = maps[:, rr, cc].T.copy()
-    obs = pd.DataFrame({"row": rr.astype(np.int32), "col": cc.astype(np.int32)},
-                       index=pd.Index([f"r{r}_c{c}" for r, c in zip(rr, cc)], name="pixel"))
-    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=pd.Index(genes, name="gene")))
-    adata.obsm["spatial"] = np.column_stack([origin[1] + cc * um, origin[0] + rr * um]).astype(np.float64)
-    adata.obsm["spatial_px"] = np.column_stack([cc, rr]).astype(np.float64)
-    for k, v in extra.items():
-        adata.layers[k] = np.asarray(v, np.float32)[:, rr, cc].T.copy()
+    if frame is None:
+        frame = SectionFrame.from_grid(um, origin)
     meta = _meta(genes, um, origin, list(extra), metadata)
-    meta["shape"] = [int(H), int(W)]
-    meta["spatial_units"] = "obsm['spatial'] = pixel centres (x, y) in µm; obsm['spatial_px'] = (col, row)"
-    adata.uns[META_KEY] = meta
+    adata = sr_anndata(maps, genes, mask, frame, extra=extra, meta=meta, meta_key=META_KEY)
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
     return path
@@ -696,10 +700,68 @@ def _read_h5ad_full(path: Path) -> MapsFile:
                     extra, meta)
 
 
+#: Output formats: name → the suffixes that choose it (first: the default suffix).
+OUTPUT_FORMATS = {
+    "ome-zarr": (".ome.zarr", ".zarr"),
+    "tiff": (".ome.tif", ".ome.tiff", ".tif", ".tiff"),
+    "h5ad": (".h5ad",),
+    "spatialdata": (".sdata.zarr",),
+}
+
+
+def choose_format(path, fmt: str | None = None) -> str:
+    """The output format for ``path``: ``fmt`` when given (``ome-zarr``, ``tiff``, ``h5ad``,
+    ``spatialdata``), else from the suffix (``.ome.zarr``/``.zarr``, ``.ome.tif(f)``/``.tif(f)``,
+    ``.h5ad``, ``.sdata.zarr``). An unknown suffix or format raises :class:`DataFormatError`."""
+    path = Path(path)
+    if fmt:
+        key = str(fmt).lower().replace("_", "-")
+        key = {"zarr": "ome-zarr", "omezarr": "ome-zarr", "tif": "tiff", "ome-tiff": "tiff", "ome-tif": "tiff",
+               "anndata": "h5ad", "sdata": "spatialdata"}.get(key, key)
+        if key not in OUTPUT_FORMATS:
+            raise DataFormatError(path, f"unknown output format {fmt!r}", "one of " + ", ".join(OUTPUT_FORMATS))
+        return key
+    name = path.name.lower()
+    for key in ("spatialdata", "ome-zarr", "tiff", "h5ad"):
+        if name.endswith(OUTPUT_FORMATS[key]):
+            return key
+    raise DataFormatError(path, f"unknown output suffix {''.join(path.suffixes) or '(none)'!r}",
+                          ".ome.zarr/.zarr, .ome.tif(f)/.tif(f), .h5ad or .sdata.zarr, or a --format")
+
+
+def write_maps(path, maps, genes=None, um_per_px: float = 1.0, origin_um=(0.0, 0.0), *, fmt: str | None = None,
+               mask=None, extra_channels: Mapping[str, object] | None = None, metadata: dict | None = None,
+               frame=None) -> Path:
+    """Write maps in the format :func:`choose_format` picks for ``path`` / ``fmt``.
+
+    ``mask`` (h5ad: the pixels written) and ``frame`` (a :class:`~napari_diffst.io.scverse.SectionFrame`:
+    h5ad and SpatialData place the grid in the section with it) are used where the format needs them."""
+    kind = choose_format(path, fmt)
+    if kind == "ome-zarr":
+        return write_ome_zarr(path, maps, genes, um_per_px, origin_um, extra_channels=extra_channels,
+                              metadata=metadata)
+    if kind == "tiff":
+        return write_tiff(path, maps, genes, um_per_px, origin_um, extra_channels=extra_channels, metadata=metadata)
+    if kind == "h5ad":
+        return write_h5ad(path, maps, genes, um_per_px, mask, origin_um, extra_channels=extra_channels,
+                          metadata=metadata, frame=frame)
+    from .spatialdata import write_spatialdata
+
+    return write_spatialdata(path, maps, genes, um_per_px, origin_um, mask=mask, extra_channels=extra_channels,
+                             metadata=metadata, frame=frame)
+
+
 def read_maps(path) -> MapsFile:
-    """Read gene maps written by any writer here (chosen by the path: folder/.zarr, .tif(f), .h5ad)."""
+    """Read gene maps written by any writer here (chosen by the path: SpatialData folder, folder/.zarr,
+    .tif(f), .h5ad)."""
+    from .spatialdata import is_spatialdata
+
     path = Path(path)
     name = path.name.lower()
+    if is_spatialdata(path):
+        from .spatialdata import read_spatialdata_maps
+
+        return read_spatialdata_maps(path)
     if path.is_dir() or name.endswith(".zarr"):
         return _read_ome_zarr_full(path)
     if name.endswith((".tif", ".tiff")):
