@@ -396,8 +396,9 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
     # export: the three map formats and the CSV, read back
     from napari_diffst.io.writers import read_maps
 
-    for fmt, name in (("ome-zarr", "maps.ome.zarr"), ("tiff", "maps.ome.tif"), ("h5ad", "maps.h5ad")):
-        cmp_.export_fmt.setCurrentIndex([cmp_.export_fmt.itemData(i) for i in range(3)].index(fmt))
+    for fmt, name in (("ome-zarr", "maps.ome.zarr"), ("tiff", "maps.ome.tif"), ("h5ad", "maps.h5ad"),
+                      ("spatialdata", "maps.sdata.zarr")):
+        cmp_.export_fmt.setCurrentIndex([cmp_.export_fmt.itemData(i) for i in range(cmp_.export_fmt.count())].index(fmt))
         cmp_.ask_save_path = lambda *a, _n=name: str(tmp_path / _n)
         cmp_.export_btn.click()
         mf = read_maps(tmp_path / name)
@@ -407,6 +408,13 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
         assert m.shape == expect.shape
         assert np.allclose(m[:, fld.hr_mask], expect[:, fld.hr_mask], atol=1e-4)
         assert mf.um_per_px == pytest.approx(fld.hr_um)
+    import anndata as ad
+
+    sr_ad = ad.read_h5ad(tmp_path / "maps.h5ad")      # the h5ad is in the section's frame (full-res px)
+    A = np.asarray(fld.extra["hr_affine"], float)
+    rc = sr_ad.obs[["col", "row"]].to_numpy(float)
+    np.testing.assert_allclose(sr_ad.obsm["spatial"], rc @ A[:2, :2].T + A[:2, 2])
+    assert list(sr_ad.uns["spatial"]) == [w.state.sample.library_id] and "barcode" in sr_ad.obs
     # napari's own File ▸ Save Selected Layers path (the npe2 writer) on the SR + σ layers
     from napari_diffst._writer import write_tiff
 
