@@ -11,7 +11,9 @@ selected ``image`` layers, and returns the list of paths written. Layers are com
 * layers whose ``metadata['diffst_role']`` contains ``'uncertainty'`` (or that carry
   ``metadata['diffst_extra'] = name``) are saved as that extra channel group, matched by gene;
 * the pixel size comes from ``scale`` (µm, must be square and equal across layers) and the
-  origin from ``translate``; multiscale layers are saved from their full-resolution level.
+  origin from ``translate``; multiscale layers are saved from their full-resolution level;
+* a layer's ``metadata['diffst_frame']`` (a :class:`~napari_diffst.io.scverse.SectionFrame`, set on the
+  dock's result layers) places the h5ad in its section's frame (full-res px, ``uns['spatial']``).
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ def stack_layer_data(path, layer_data) -> dict:
     """Combine napari layer data tuples into ``maps, genes, um_per_px, origin_um, extra, mask``."""
     main: list[tuple[str, np.ndarray]] = []
     extra: dict[str, dict[str, np.ndarray]] = {}
-    scales, origins, masks = [], [], []
+    scales, origins, masks, frames = [], [], [], []
     for item in layer_data:
         data, attrs, *rest = item
         ltype = rest[0] if rest else "image"
@@ -73,6 +75,8 @@ def stack_layer_data(path, layer_data) -> dict:
         origins.append(_last2(attrs.get("translate"), 0.0))
         if md.get("mask") is not None:
             masks.append(np.asarray(md["mask"], bool))
+        if md.get("diffst_frame") is not None:
+            frames.append(md["diffst_frame"])
     if not main:
         raise DataFormatError(path, "no gene-map layers among the selected layers",
                               "one or more single-channel image layers (not the H&E)")
@@ -99,8 +103,11 @@ def stack_layer_data(path, layer_data) -> dict:
                                   f"one {kind} layer per selected gene map")
         extra_stacks[kind] = np.stack([grp[g] for g, _ in main])
     mask = masks[0] if masks and masks[0].shape == maps.shape[1:] else None
+    frame = frames[0] if frames else None
+    if frame is not None and frame.in_tissue is not None and np.shape(frame.in_tissue) != maps.shape[1:]:
+        frame = None
     return {"maps": maps, "genes": genes, "um_per_px": float(sc[0][0]),
-            "origin_um": (float(org[0][0]), float(org[0][1])), "extra": extra_stacks, "mask": mask}
+            "origin_um": (float(org[0][0]), float(org[0][1])), "extra": extra_stacks, "mask": mask, "frame": frame}
 
 
 def write_ome_zarr(path: str, layer_data: list) -> list[str]:
@@ -121,5 +128,5 @@ def write_h5ad(path: str, layer_data: list) -> list[str]:
     """npe2 writer: selected gene-map image layers → per-pixel AnnData (.h5ad)."""
     s = stack_layer_data(path, layer_data)
     _w.write_h5ad(path, s["maps"], s["genes"], s["um_per_px"], s["mask"], s["origin_um"],
-                  extra_channels=s["extra"])
+                  extra_channels=s["extra"], frame=s["frame"])
     return [str(Path(path))]

@@ -282,12 +282,15 @@ class SampleSection(Section):
         blend = self.blend_combo.currentText()
         self.result_layers = []
         ck = self.info.get("path") if self.info else None
+        from ..io.scverse import SectionFrame
+
+        frame = SectionFrame.from_field(fld, self.state.sample)   # File ▸ Save as .h5ad: the section's frame
         for i, g in enumerate(genes):
             cl = tuple(data["clims"][i])
             cmap = gene_colormap(genes, g)
             md = {"diffst_role": "sr", "gene": g, "genes": [g], "mask": fld.hr_mask, "units": "log1p(CP10k)",
                   "hr_um": fld.hr_um, "checkpoint": ck, "mode": self.mode, "steps": res.steps,
-                  "n_samples": res.n_samples}
+                  "n_samples": res.n_samples, "diffst_frame": frame}
             self.queue.put(self._adder(mean[i], dict(name=f"{g} · Diff-ST", colormap=cmap, contrast_limits=cl,
                                                     blending=blend, opacity=0.75, visible=(i == 0), metadata=md,
                                                     units=("um", "um"), **place)))
