@@ -316,3 +316,31 @@ def test_write_spatialdata_map_pixel_and_spot_coincide(visium_section, tmp_path)
     mf = W.read_maps(p)
     assert mf.genes == list(fld.genes) and "uncertainty" in mf.extra
     np.testing.assert_allclose(mf.maps[:, mask], maps[:, mask])
+
+
+def test_formats_md_scverse_example(visium_section, tmp_path, monkeypatch):
+    """The code of docs/formats.md's "use the results in scanpy / squidpy / SpatialData" section runs."""
+    import re
+    from pathlib import Path
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "formats.md").read_text()
+    sec = doc.split("## Use the results in scanpy / squidpy / SpatialData", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)```", sec, re.S)
+    assert blocks
+    smp, fld, _, _ = visium_section
+    frame, maps, mask = _frame_and_maps(visium_section)
+    assert "ERBB2" in fld.genes
+    W.write_maps(tmp_path / "maps.h5ad", maps, fld.genes, fld.hr_um, mask=mask, frame=frame)
+    W.write_maps(tmp_path / "maps.sdata.zarr", maps, fld.genes, fld.hr_um, mask=mask, frame=frame)
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    for b in blocks:
+        exec(compile(b, "formats.md", "exec"), ns)
+    assert set(ns["sr"].uns["moranI"].index) == set(fld.genes)
+    assert ns["spots"].n_obs > 0 and "maps" in ns["sdata"].images
+    plt.close("all")
