@@ -422,6 +422,13 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
     mf = read_maps(tmp_path / "layers.ome.tif")
     assert list(mf.genes) == genes and mf.um_per_px == pytest.approx(fld.hr_um, rel=1e-6)
     assert set(mf.extra) == {"uncertainty"} and np.asarray(mf.extra["uncertainty"]).shape == expect.shape
+    from napari_diffst._writer import write_h5ad as npe2_h5ad
+
+    npe2_h5ad(str(tmp_path / "layers.h5ad"), [ly.as_layer_data_tuple() for ly in sr + unc])
+    lay_ad = ad.read_h5ad(tmp_path / "layers.h5ad")       # the result layers carry their section's frame
+    assert list(lay_ad.uns["spatial"]) == [w.state.sample.library_id] and "uncertainty" in lay_ad.layers
+    rc = lay_ad.obs[["col", "row"]].to_numpy(float)
+    np.testing.assert_allclose(lay_ad.obsm["spatial"], rc @ A[:2, :2].T + A[:2, 2])
     cmp_.ask_save_path = lambda *a: str(tmp_path / "metrics.csv")
     cmp_.csv_btn.click()
     lines = (tmp_path / "metrics.csv").read_text().splitlines()
