@@ -46,8 +46,12 @@ def _ablation(args) -> dict:
 
 def cmd_train(args) -> int:
     from . import pipeline as P
+    from .train.checkpoint import prepare_run_dir
 
     t0 = time.time()
+    # a folder that holds a checkpoint: refuse, resume it (--resume) or move it aside (--overwrite)
+    resume = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite,
+                             log=lambda m: print(m, file=sys.stderr))
     samples = [P.load_data(d, seed=args.seed) for d in args.data]
     for s in samples:
         print(f"data: {s.summary()}", file=sys.stderr)
@@ -68,7 +72,7 @@ def cmd_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trainer = P.make_trainer(fields, budget=args.budget, steps=args.steps, batch_size=args.batch_size,
                              lr_size=args.lr_size, out_dir=out, seed=args.seed, device=args.device,
-                             train_samples=samples, model_overrides=model_o, resume=args.resume,
+                             train_samples=samples, model_overrides=model_o, resume=resume, resume_check=True,
                              provenance={"data": [str(d) for d in args.data], "genes_from": "training data"},
                              **train_o)
     resolved = {
@@ -216,7 +220,12 @@ def add_commands(sub) -> None:
     t.add_argument("--lr-size", type=int, default=None, help="LR pixels per training patch side")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="FOLDER",
+                   help="continue the checkpoint in --out (or in FOLDER) where it stopped; the settings must be "
+                        "the same (checked; --steps and --device may change)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="--out holds a checkpoint: move it aside to a dated sibling folder (never deleted) and "
+                        "start afresh (or continue --resume FOLDER there)")
     t.add_argument("--no-cam", action="store_true", help="ablation: no cross-modal adaptive modulation")
     t.add_argument("--no-cigc", action="store_true", help="ablation: no gene co-expression graph")
     t.add_argument("--no-hier", action="store_true", help="ablation: tissue-level histology only")
