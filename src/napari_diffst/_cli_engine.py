@@ -124,8 +124,10 @@ def _load_ckpt(path, device):
 
 def cmd_sample(args) -> int:
     from . import pipeline as P
+    from .io.safety import refuse_existing
     from .io.writers import write_ome_zarr
 
+    refuse_existing(args.out, getattr(args, "overwrite", False))  # an existing output is replaced only if asked
     model, meta, genes, scale, gene_scale = _load_ckpt(args.checkpoint, args.device)
     sample = P.load_data(args.data, seed=args.seed_data)
     if getattr(args, "tile", 0):
@@ -251,6 +253,7 @@ def add_commands(sub) -> None:
     s.add_argument("--overlap", type=int, default=16, help="tile overlap in HR pixels (blended)")
     s.add_argument("--batch-tiles", type=int, default=4, help="tiles per denoiser call")
     s.add_argument("--out", required=True, help="output .zarr folder")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else: refused)")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="score super-resolved maps against HR truth")
