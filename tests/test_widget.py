@@ -407,6 +407,16 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
         assert m.shape == expect.shape
         assert np.allclose(m[:, fld.hr_mask], expect[:, fld.hr_mask], atol=1e-4)
         assert mf.um_per_px == pytest.approx(fld.hr_um)
+    # an existing output is replaced only when the user says so
+    asked = []
+    cmp_.ask_replace = lambda p: asked.append(p) or False
+    stamp = (tmp_path / "maps.h5ad").stat().st_mtime_ns
+    cmp_.export_btn.click()
+    assert asked == [str(tmp_path / "maps.h5ad")] and "Not exported" in cmp_.status.text()
+    assert (tmp_path / "maps.h5ad").stat().st_mtime_ns == stamp
+    cmp_.ask_replace = lambda p: True
+    cmp_.export_btn.click()
+    assert (tmp_path / "maps.h5ad").stat().st_mtime_ns != stamp and "Wrote" in cmp_.status.text()
     # napari's own File ▸ Save Selected Layers path (the npe2 writer) on the SR + σ layers
     from napari_diffst._writer import write_tiff
 
