@@ -415,6 +415,16 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
     rc = sr_ad.obs[["col", "row"]].to_numpy(float)
     np.testing.assert_allclose(sr_ad.obsm["spatial"], rc @ A[:2, :2].T + A[:2, 2])
     assert list(sr_ad.uns["spatial"]) == [w.state.sample.library_id] and "barcode" in sr_ad.obs
+    # an existing output is replaced only when the user says so
+    asked = []
+    cmp_.ask_replace = lambda p: asked.append(p) or False
+    stamp = (tmp_path / "maps.h5ad").stat().st_mtime_ns
+    cmp_.export_btn.click()
+    assert asked == [str(tmp_path / "maps.h5ad")] and "Not exported" in cmp_.status.text()
+    assert (tmp_path / "maps.h5ad").stat().st_mtime_ns == stamp
+    cmp_.ask_replace = lambda p: True
+    cmp_.export_btn.click()
+    assert (tmp_path / "maps.h5ad").stat().st_mtime_ns != stamp and "Wrote" in cmp_.status.text()
     # napari's own File ▸ Save Selected Layers path (the npe2 writer) on the SR + σ layers
     from napari_diffst._writer import write_tiff
 
@@ -602,13 +612,23 @@ def test_cancel_resume_close_and_errors(shown_viewer, qtbot, tmp_path, isolated_
     def oom(*a, **k):
         raise OutOfMemoryError(oom_message("training", batch_size=2, tile=4, tile_name="LR patch size (lr_size)"))
 
+    # ck holds a checkpoint: the dock asks. Cancel starts nothing; Overwrite moves it aside, never deletes it
+    asked = []
+    tr.ask_existing_checkpoint = lambda out, have: asked.append((out, have["step"])) or "cancel"
+    before = (ck / "model.pt").read_bytes()
+    tr.train_btn.click()
+    assert asked == [(ck, last.step + 2)] and not w.state.busy and "Not started" in tr.eta_label.text()
+    assert (ck / "model.pt").read_bytes() == before
     n = len(errors)
     with monkeypatch.context() as mp:
         mp.setattr(pipeline, "make_trainer", oom)
+        tr.ask_existing_checkpoint = lambda out, have: "overwrite"
         tr.train_btn.click()
         wait_idle(qtbot, tr)
     assert len(errors) == n + 1 and "reduce the batch size from 2 to 1" in errors[-1]
-    assert tr.out_dir.parent == ck  # ck already holds a checkpoint: a new run never overwrites it
+    moved = [p for p in tmp_path.iterdir() if p.name.startswith("ck.old-")]
+    assert len(moved) == 1 and (moved[0] / "model.pt").read_bytes() == before and tr.out_dir == ck
+    assert not (ck / "model.pt").exists() and read_checkpoint(moved[0])["step"] == last.step + 2
     assert not w.state.busy and tr.train_btn.isEnabled()
     bad = tmp_path / "bad_ckpt"
     bad.mkdir()

@@ -46,8 +46,12 @@ def _ablation(args) -> dict:
 
 def cmd_train(args) -> int:
     from . import pipeline as P
+    from .train.checkpoint import prepare_run_dir
 
     t0 = time.time()
+    # a folder that holds a checkpoint: refuse, resume it (--resume) or move it aside (--overwrite)
+    resume = prepare_run_dir(args.out, resume=args.resume, overwrite=args.overwrite,
+                             log=lambda m: print(m, file=sys.stderr))
     samples = [P.load_data(d, seed=args.seed) for d in args.data]
     for s in samples:
         print(f"data: {s.summary()}", file=sys.stderr)
@@ -68,7 +72,7 @@ def cmd_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trainer = P.make_trainer(fields, budget=args.budget, steps=args.steps, batch_size=args.batch_size,
                              lr_size=args.lr_size, out_dir=out, seed=args.seed, device=args.device,
-                             train_samples=samples, model_overrides=model_o, resume=args.resume,
+                             train_samples=samples, model_overrides=model_o, resume=resume, resume_check=True,
                              provenance={"data": [str(d) for d in args.data], "genes_from": "training data"},
                              **train_o)
     resolved = {
@@ -127,6 +131,9 @@ def cmd_sample(args) -> int:
     if getattr(args, "tile", 0) and fmt != "ome-zarr":
         raise DataFormatError(args.out, f"--tile writes OME-Zarr tile by tile (bounded memory), not {fmt}",
                               "an .ome.zarr output with --tile, or no --tile for .h5ad/.ome.tif/SpatialData")
+    from .io.safety import refuse_existing
+
+    refuse_existing(args.out, getattr(args, "overwrite", False))  # an existing output is replaced only if asked
     model, meta, genes, scale, gene_scale = _load_ckpt(args.checkpoint, args.device)
     sample = P.load_data(args.data, seed=args.seed_data)
     if getattr(args, "tile", 0):
@@ -221,7 +228,12 @@ def add_commands(sub) -> None:
     t.add_argument("--lr-size", type=int, default=None, help="LR pixels per training patch side")
     t.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--resume", default=None, help="checkpoint folder to resume from")
+    t.add_argument("--resume", nargs="?", const=True, default=None, metavar="FOLDER",
+                   help="continue the checkpoint in --out (or in FOLDER) where it stopped; the settings must be "
+                        "the same (checked; --steps and --device may change)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="--out holds a checkpoint: move it aside to a dated sibling folder (never deleted) and "
+                        "start afresh (or continue --resume FOLDER there)")
     t.add_argument("--no-cam", action="store_true", help="ablation: no cross-modal adaptive modulation")
     t.add_argument("--no-cigc", action="store_true", help="ablation: no gene co-expression graph")
     t.add_argument("--no-hier", action="store_true", help="ablation: tissue-level histology only")
@@ -252,6 +264,7 @@ def add_commands(sub) -> None:
                         ".sdata.zarr (SpatialData); --format overrides the suffix")
     s.add_argument("--format", choices=["ome-zarr", "tiff", "h5ad", "spatialdata"], default=None,
                    help="output format (default: from the --out suffix)")
+    s.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else: refused)")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="score super-resolved maps against HR truth")

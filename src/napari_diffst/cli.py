@@ -80,6 +80,15 @@ def main(argv=None) -> int:
     except DiffSTError as exc:
         print(f"napari-diffst {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from .io.safety import is_disk_full
+
+        if not is_disk_full(exc):
+            raise
+        print(f"napari-diffst {args.command}: error: cannot write {exc.filename or 'the output'}: the disk is full "
+              f"({exc.strerror}); writes are atomic, so earlier files are intact. Free some space and run again",
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"napari-diffst {args.command}: interrupted", file=sys.stderr)
         return 130

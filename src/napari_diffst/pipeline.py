@@ -145,17 +145,31 @@ def make_trainer(fields: Sequence[SRField], *, budget: str = "quick", steps: int
                  batch_size: int | None = None, lr_size: int | None = None, out_dir=None, seed: int = 0,
                  device: str = "auto", train_samples: Sequence[Sample] | None = None, model=None,
                  model_overrides: dict | None = None, provenance: dict | None = None, should_stop=None,
-                 resume: str | Path | None = None, **train_overrides):
-    """A :class:`~napari_diffst.train.Trainer` for the fields (budget presets; resume from a checkpoint)."""
+                 resume: str | Path | None = None, resume_check: bool = False, **train_overrides):
+    """A :class:`~napari_diffst.train.Trainer` for the fields (budget presets; resume from a checkpoint).
+
+    ``resume_check``: the run these arguments describe must be the checkpoint's (training and network config,
+    genes, normalisation; only ``steps`` and ``device`` may differ), else a :class:`DataFormatError` lists the
+    differences; without it the checkpoint's settings win."""
     from .train import Trainer, TrainConfig
 
     fields = [f for f in fields if f.hr is not None]
     if not fields:
         raise DiffSTError("no training field has HR targets; use mode='degrade' (self-supervised) or truth data")
     if resume:
+        over = {k: v for k, v in dict(steps=steps, device=device).items() if v is not None}
+        if resume_check:
+            from .train.checkpoint import check_resume_config, read_checkpoint
+
+            fresh = make_trainer(fields, budget=budget, steps=steps, batch_size=batch_size, lr_size=lr_size,
+                                 seed=seed, device=device, train_samples=train_samples, model=model,
+                                 model_overrides=model_overrides, **train_overrides)
+            check_resume_config(resume, read_checkpoint(resume), fresh.config.to_dict(), genes=fields[0].genes,
+                                gene_scale=fields[0].gene_scale)
+            over.update({k: getattr(fresh.config, k) for k in ("log_every", "checkpoint_every")})
+            model = fresh.model
         return Trainer.from_checkpoint(resume, fields=fields, out_dir=out_dir, should_stop=should_stop,
-                                       overrides={k: v for k, v in dict(steps=steps, device=device).items()
-                                                  if v is not None})
+                                       model=model, overrides=over)
     preset = budget if budget in ("quick", "full") else "quick"
     kw = dict(seed=seed, device=device)
     if steps is not None:

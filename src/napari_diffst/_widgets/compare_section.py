@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QHeaderView, QListWidget,
+from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QMessageBox, QHeaderView, QListWidget,
                             QListWidgetItem, QPushButton, QTableWidget, QTableWidgetItem)
 
 from . import settings
@@ -100,6 +100,7 @@ class CompareSection(Section):
         self.queue = LayerQueue(viewer, self)
         #: replaced in tests: (title, suggested path, filter) -> path or ""
         self.ask_save_path = self._ask_save_path
+        self.ask_replace = self._ask_replace  # tests replace these two with canned answers
 
         self.run_btn.clicked.connect(self.start)
         self.cancel_btn.clicked.connect(self.cancel)
@@ -358,8 +359,26 @@ class CompareSection(Section):
 
     # -- export --------------------------------------------------------------------------------
     def _ask_save_path(self, title, suggested, filt):
-        path, _ = QFileDialog.getSaveFileName(self, title, suggested, filt)
+        # the replace question is ours (_ask_replace): Qt's would miss .zarr folders and added extensions
+        path, _ = QFileDialog.getSaveFileName(self, title, suggested, filt,
+                                              options=QFileDialog.Option.DontConfirmOverwrite)
         return path
+
+    def _ask_replace(self, path) -> bool:
+        kind = "folder" if Path(path).is_dir() else "file"
+        ans = QMessageBox.question(self, "Replace existing output?",
+                                   f"{path} already exists (a {kind}).\nReplace it with the exported maps?",
+                                   QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                                   QMessageBox.StandardButton.No)
+        return ans == QMessageBox.StandardButton.Yes
+
+    def _may_write(self, path) -> bool:
+        """False (and a notice) when ``path`` exists and the user does not want it replaced."""
+        if not (Path(path).exists() or Path(path).is_symlink()) or self.ask_replace(path):
+            return True
+        notify_info(f"Not exported: {path} exists and was kept.")
+        self.status.setText(f"Not exported: {path} exists and was kept.")
+        return False
 
     def export_maps(self, path, fmt: str | None = "ome-zarr", method: str = "Diff-ST") -> Path:
         """Write one method's maps (log1p CP10k; Diff-ST with its uncertainty) in ``fmt`` (None: by the
@@ -405,6 +424,8 @@ class CompareSection(Section):
 
         if not path.lower().endswith(OUTPUT_FORMATS[fmt]) and not (fmt == "spatialdata" and path.endswith(".zarr")):
             path += ext
+        if not self._may_write(path):
+            return
         try:
             out = self.export_maps(path, fmt, method)
         except Exception as exc:
@@ -426,8 +447,11 @@ class CompareSection(Section):
         path = self.ask_save_path("Export metrics table", str(start), "CSV (*.csv)")
         if not path:
             return
+        path = path if path.endswith(".csv") else path + ".csv"
+        if not self._may_write(path):
+            return
         try:
-            out = self.export_csv(path if path.endswith(".csv") else path + ".csv")
+            out = self.export_csv(path)
         except OSError as exc:
             notify_error(f"Cannot write {path}: {exc}. Choose another folder.")
             return

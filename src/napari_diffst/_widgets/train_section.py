@@ -11,11 +11,12 @@ import datetime as _dt
 from pathlib import Path
 
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QLabel, QLineEdit, QPushButton,
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QLabel, QLineEdit, QMessageBox, QPushButton,
                             QSpinBox, QToolButton)
 
 from . import settings
-from ._common import (Section, StatusText, narrow_combo, notify_error, notify_warning, progress_bar, row as _row,
+from ._common import (Section, StatusText, narrow_combo, notify_error, notify_info, notify_warning, progress_bar,
+                      row as _row,
                       save_later)
 from .plots import LossPlot
 from .workers import Job, JobRunner, format_eta, train_job
@@ -115,6 +116,7 @@ class TrainSection(Section):
         self.eta_label = self.add_widget(StatusText("Not trained yet.", lines=3))
         self._status_text = None  # text for eta_label at the next UI tick
 
+        self.ask_existing_checkpoint = self._ask_existing_checkpoint  # tests replace it with a canned answer
         self.runner: JobRunner | None = None
         self._notice = None
         self.last_event = None
@@ -248,11 +250,27 @@ class TrainSection(Section):
         st = self.state
         if st.sample is None or not st.genes or st.busy:
             return
+        from ..errors import DiffSTError
+        from ..train.checkpoint import describe_checkpoint, existing_checkpoint, move_checkpoint_aside
+
         out = self.checkpoint_dir()
         resume = self.resume_edit.text().strip() if self.resume_check.isChecked() else None
-        if (out / "model.pt").exists() and not (resume and Path(resume).expanduser().resolve() == out.resolve()):
-            # never overwrite an earlier checkpoint silently: a new run goes into a fresh sub-folder
-            out = out / f"{st.sample.name}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        have = existing_checkpoint(out)
+        if have is not None and not (resume and Path(resume).expanduser().resolve() == out.resolve()):
+            # never overwrite an earlier checkpoint silently: resume it, move it aside, or do nothing
+            choice = self.ask_existing_checkpoint(out, have)
+            if choice == "resume":
+                resume = str(out)
+            elif choice == "overwrite":
+                try:
+                    moved = move_checkpoint_aside(out)
+                except DiffSTError as exc:
+                    notify_error(str(exc))
+                    return
+                notify_info(f"The previous checkpoint ({describe_checkpoint(have)}) was moved to {moved}.")
+            else:
+                self.eta_label.setText(f"Not started: {out} holds a checkpoint ({describe_checkpoint(have)}).")
+                return
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -275,7 +293,7 @@ class TrainSection(Section):
         st.set_busy(True)
         job = Job("train")
         extra = {}
-        if self.hist_features != "learned" and not resume:  # a resumed run keeps its checkpoint's network
+        if self.hist_features != "learned":  # a resumed run must match its checkpoint's network (checked)
             extra["model_overrides"] = {"hist_features": self.hist_features}
         gen = train_job(job, st.sample, list(st.genes), st.scale, budget=self.budget,
                         steps=self.steps_spin.value(), batch_size=self.batch_spin.value(),
@@ -284,6 +302,21 @@ class TrainSection(Section):
                                 total=self.steps_spin.value(), on_done=self._on_done, bar=self.progress,
                                 on_tick=self._refresh)
         self._update_enabled()
+
+    def _ask_existing_checkpoint(self, out: Path, have: dict) -> str:
+        """'resume' | 'overwrite' | 'cancel': what to do with the checkpoint already in ``out``."""
+        from ..train.checkpoint import describe_checkpoint
+
+        box = QMessageBox(QMessageBox.Icon.Question, "Checkpoint folder in use",
+                          f"{out} already holds a checkpoint ({describe_checkpoint(have)}).\n\n"
+                          "Resume: continue it (the same settings are required and checked).\n"
+                          "Overwrite: move it aside to a dated folder next to it and start afresh.", parent=self)
+        res = box.addButton("Resume", QMessageBox.ButtonRole.AcceptRole)
+        ovr = box.addButton("Overwrite (move aside)", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.exec()
+        clicked = box.clickedButton()
+        return "resume" if clicked is res else "overwrite" if clicked is ovr else "cancel"
 
     def cancel(self):
         if self.runner is not None and self.runner.running:

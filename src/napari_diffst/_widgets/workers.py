@@ -132,7 +132,7 @@ def train_job(job: Job, sample, genes, scale: int, *, budget: str = "quick", ste
     """Build the training fields (:func:`pipeline.make_fields`: HR truth where the sample has it, else
     self-supervised degradation pairs) and train (:meth:`Trainer.iter_train`, one event per step).
     ``model_overrides`` (e.g. ``{'hist_features': 'handcrafted'}``) go to the new network's config; a resumed
-    run keeps its checkpoint's network.
+    run must describe its checkpoint's run (checked: :func:`pipeline.make_trainer`'s ``resume_check``).
 
     Yields ``prepare`` → ``ready`` (``fields``, ``gene_scale``, ``total``, ``device``, ``step0``) → one
     ``event`` per TrainEvent (``event``) → ends after the trainer's 'done'/'cancelled' (or ``error``)."""
@@ -150,10 +150,9 @@ def train_job(job: Job, sample, genes, scale: int, *, budget: str = "quick", ste
             over["checkpoint_every"] = int(checkpoint_every)
         trainer = P.make_trainer(fields, budget=budget, steps=steps, batch_size=batch_size, lr_size=lr_size,
                                  out_dir=out_dir, seed=seed, device=device, train_samples=[sample],
-                                 should_stop=job.is_cancelled, resume=resume or None,
+                                 should_stop=job.is_cancelled, resume=resume or None, resume_check=True,
                                  provenance={"data": sample.name, "genes_from": "napari dock"},
-                                 model_overrides=dict(model_overrides) if model_overrides and not resume else None,
-                                 **({} if resume else over))
+                                 model_overrides=dict(model_overrides) if model_overrides else None, **over)
         if resume:
             trainer.config.log_every = 1
         job.trainer = trainer

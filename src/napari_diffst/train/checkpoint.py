@@ -24,13 +24,22 @@ import numpy as np
 import torch
 
 from ..errors import DataFormatError, DiffSTError
+from ..io.safety import recover_temps, write_errors
 from ..io.writers import atomic_path
 from .config import atomic_write_text
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "capture_rng_state", "restore_rng_state",
-           "checkpoint_file", "resolve_callable", "unwrap_model", "CHECKPOINT_NAME"]
+           "checkpoint_file", "resolve_callable", "unwrap_model", "CHECKPOINT_NAME", "RUN_FILES",
+           "CheckpointExistsError", "existing_checkpoint", "describe_checkpoint", "move_checkpoint_aside",
+           "prepare_run_dir", "config_differences", "check_resume_config"]
 
 CHECKPOINT_NAME = "model.pt"
+#: the files of a run folder that belong to its checkpoint (moved aside together by ``--overwrite``)
+RUN_FILES = (CHECKPOINT_NAME, "config.json", "resolved_config.json")
+#: training options that may differ when a run is resumed: they change where / how long / how often, not what
+#: is trained (``steps``: train longer or shorter — the LR schedule follows the new total)
+RESUME_FREE_KEYS = frozenset({"steps", "device", "out_dir", "time_limit_s", "log_every", "checkpoint_every",
+                              "checkpoint_on_cancel"})
 FORMAT = "napari-diffst-checkpoint"
 FORMAT_VERSION = 1
 
@@ -145,15 +154,133 @@ def save_checkpoint(directory, *, model, ema_model=None, optimizer=None, step: i
         "rng": rng_state,
     }
     target = directory / CHECKPOINT_NAME
-    with atomic_path(target) as tmp:  # temp sibling + rename; the old checkpoint survives a failed save
-        torch.save(state, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-    summary = {k: state[k] for k in ("format", "format_version", "package_version", "saved_at", "step",
-                                     "model_config", "train_config", "diffusion", "genes", "gene_scale",
-                                     "provenance")}
-    atomic_write_text(directory / "config.json", json.dumps(summary, indent=2) + "\n")
+    for name in (CHECKPOINT_NAME, "config.json"):  # temporaries left by a save that was killed
+        recover_temps(directory / name)
+    prev = existing_checkpoint(directory)
+    keep = (f"the previous checkpoint ({describe_checkpoint(prev)}) is intact" if prev else "no checkpoint was written")
+    with write_errors(target, "checkpoint", previous=keep):
+        with atomic_path(target) as tmp:  # temp sibling + rename; the old checkpoint survives a failed save
+            torch.save(state, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        summary = {k: state[k] for k in ("format", "format_version", "package_version", "saved_at", "step",
+                                         "model_config", "train_config", "diffusion", "genes", "gene_scale",
+                                         "provenance")}
+        atomic_write_text(directory / "config.json", json.dumps(summary, indent=2) + "\n")
     return target
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+class CheckpointExistsError(DiffSTError):
+    """A new training run was pointed at a folder that already holds a checkpoint."""
+
+
+def existing_checkpoint(directory) -> dict | None:
+    """``{'path', 'step', 'steps', 'saved_at'}`` of the checkpoint in ``directory`` (None when it has none).
+
+    Reads the small ``config.json`` beside ``model.pt`` (``step`` / ``steps`` None when it is unreadable)."""
+    f = Path(directory) / CHECKPOINT_NAME
+    if not f.is_file():
+        return None
+    info = {"path": str(f), "step": None, "steps": None, "saved_at": None}
+    with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        js = json.loads((f.parent / "config.json").read_text())
+        info.update(step=js.get("step"), steps=(js.get("train_config") or {}).get("steps"),
+                    saved_at=js.get("saved_at"))
+    return info
+
+
+def describe_checkpoint(info: dict | None) -> str:
+    """'step 120 of 400, saved 2026-01-01T10:00:00+00:00' for :func:`existing_checkpoint`'s answer."""
+    if not info:
+        return "none"
+    if info.get("step") is None:
+        return "step unknown"
+    out = f"step {info['step']}" + (f" of {info['steps']}" if info.get("steps") else "")
+    return out + (f", saved {info['saved_at']}" if info.get("saved_at") else "")
+
+
+def move_checkpoint_aside(directory) -> Path | None:
+    """Move the checkpoint files of ``directory`` (:data:`RUN_FILES`) into a dated sibling folder
+    ``<name>.old-YYYYmmdd-HHMMSS`` — a loadable checkpoint folder itself — and return it (None if none)."""
+    from ..io.safety import move_aside
+
+    return move_aside(directory, RUN_FILES, tag="old")
+
+
+def prepare_run_dir(directory, *, resume=None, overwrite: bool = False, log=None):
+    """Decide what a training run writing into ``directory`` does with a checkpoint already there.
+
+    ``resume``: None (a new run), True (continue the checkpoint in ``directory``) or another checkpoint folder
+    to continue from. A new run (or one resuming from elsewhere) into a folder that holds a checkpoint raises
+    :class:`CheckpointExistsError` unless ``overwrite``, which moves the old checkpoint aside
+    (:func:`move_checkpoint_aside`) — it is never deleted. ``resume=True`` with no checkpoint in ``directory``
+    yet (a run killed before its first save) starts afresh. ``log(message)`` receives what was done.
+
+    Returns the checkpoint folder to resume from, or None for a fresh start."""
+    from ..io.safety import recover_temps
+
+    d = Path(directory)
+    say = log or (lambda m: None)
+    for name in (CHECKPOINT_NAME, "config.json"):
+        recover_temps(d / name)
+    have = existing_checkpoint(d)
+    if resume is True or (resume is not None and Path(resume).absolute() == d.absolute()):
+        if overwrite:
+            raise CheckpointExistsError(f"--resume (continue the checkpoint in {d}) and --overwrite (move it aside "
+                                        f"and start afresh) contradict each other: pass one of them")
+        if have is None:
+            say(f"no checkpoint in {d} yet: starting from step 0")
+            return None
+        say(f"resuming the checkpoint in {d} ({describe_checkpoint(have)})")
+        return d
+    if have is not None:
+        if not overwrite:
+            raise CheckpointExistsError(
+                f"{d} already holds a checkpoint ({describe_checkpoint(have)}); not overwriting it. Rerun with "
+                f"--resume to continue it (same settings), or --overwrite to move it aside to a dated folder "
+                f"and start afresh")
+        moved = move_checkpoint_aside(d)
+        say(f"moved the previous checkpoint of {d} ({describe_checkpoint(have)}) to {moved}")
+    return Path(resume) if resume is not None else None
+
+
+def _canon(obj):
+    return json.loads(json.dumps(obj, sort_keys=True, default=lambda o: o.tolist() if hasattr(o, "tolist")
+                                 else str(o)))
+
+
+def config_differences(saved: dict, new: dict, ignore=RESUME_FREE_KEYS, prefix: str = "") -> list[str]:
+    """``'key: checkpoint X, now Y'`` for each setting (nested dicts flattened) that differs."""
+    saved, new = _canon(saved or {}), _canon(new or {})
+    out = []
+    for k in sorted(set(saved) | set(new)):
+        if k in ignore:
+            continue
+        a, b = saved.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, ignore=(), prefix=f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+def check_resume_config(path, state: dict, train_config: dict, genes=None, gene_scale=None) -> None:
+    """Raise :class:`DataFormatError` naming every difference between a checkpoint's run and the run that would
+    resume it (training + network config, gene panel, normalisation); ``steps`` / ``device`` may differ."""
+    diffs = config_differences(state.get("train_config") or {}, train_config)
+    if genes is not None and list(map(str, state.get("genes") or [])) != [str(g) for g in genes]:
+        diffs.append(f"genes: checkpoint {state.get('genes')}, now {list(genes)}")
+    if gene_scale is not None and state.get("gene_scale") is not None:
+        a, b = np.asarray(state["gene_scale"], float), np.asarray(gene_scale, float)
+        if a.shape != b.shape or not np.allclose(a, b, rtol=1e-6, atol=0):
+            diffs.append("gene_scale (the data's normalisation): differs — other data or genes")
+    if diffs:
+        more = f" (+{len(diffs) - 6} more)" if len(diffs) > 6 else ""
+        raise DataFormatError(checkpoint_file(path), "cannot resume: this run's settings differ from the "
+                              "checkpoint's: " + "; ".join(diffs[:6]) + more,
+                              "the same data, genes, scale, budget and options as the run that wrote it "
+                              "(only --steps and --device may change), or --overwrite to start afresh")
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -13,10 +13,12 @@ from ..errors import DataFormatError
 __all__ = ["TrainConfig", "PRESETS"]
 
 #: Budget presets. ``quick``: a few CPU minutes with a small model and small patches (a usable demo model);
-#: ``full``: a GPU run at the scale of the Diff-ST paper experiments.
+#: ``full``: a GPU run at the scale of the Diff-ST paper experiments. ``checkpoint_every``: a killed run loses at
+#: most that many steps; quick's 50 is under a minute of CPU work (measured ~1 s per quick step on a shared
+#: 2-core machine, docs/model.md "Checkpoints, reruns and faults").
 PRESETS: dict[str, dict] = {
     "quick": dict(steps=300, batch_size=4, lr_size=8, lr=2e-4, warmup_steps=20, lr_schedule="constant",
-                  ema_decay=0.99, log_every=10, checkpoint_every=100, device="auto"),
+                  ema_decay=0.99, log_every=10, checkpoint_every=50, device="auto"),
     "full": dict(steps=40000, batch_size=16, lr_size=16, lr=1e-4, warmup_steps=500, lr_schedule="cosine",
                  ema_decay=0.9999, log_every=50, checkpoint_every=2000, device="auto"),
 }
