@@ -12,6 +12,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..data.sample import LATTICE_PITCH_UM, SPOT_DIAMETER_UM, Sample, build_uns_spatial, estimate_um_per_px
+from ..data.lattice import lattice_um_per_px
 from ..errors import DataFormatError
 from ._common import (
     _TABLE_EXT,
@@ -19,7 +20,6 @@ from ._common import (
     _find_images,
     _finite_pos,
     _has_ext,
-    _lattice_fit_um_per_px,
     _lower_name,
     _make_unique,
     _new_adata,
@@ -55,7 +55,7 @@ SPOT_COLUMN_ALIASES = {
 }
 _HEADERLESS_SPOT_COLS = ["x", "y", "new_x", "new_y", "pixel_x", "pixel_y", "selected"]
 _EXPECT_SPOTS = ("a tab-separated spot table with columns x, y, pixel_x, pixel_y[, new_x, new_y, selected] "
-                 "(ST spot detector / her2st *_selection.tsv)")
+                 "(ST spot detector / her2st *_selection.tsv, STUtility alignment_table_<id>.tsv)")
 _EXPECT_LEGACY_COUNTS = ("a spots × genes table: first column spot labels 'XxY' (e.g. 10x21), header of gene "
                          "names, raw integer counts (genes × spots is transposed automatically)")
 
@@ -65,7 +65,30 @@ def _norm_col(c) -> str:
 
 
 def _is_spot_file(p: Path) -> bool:
-    return _has_ext(p, _TABLE_EXT) and bool(_SPOTFILE_RE.search(p.name))
+    """A spot table: a known name (``*selection*``, ``spots_*``, ``*spot_data*``, …) or, whatever its
+    name (STUtility's ``alignment_table_<id>.tsv``), a header naming the array and pixel columns."""
+    if not _has_ext(p, _TABLE_EXT):
+        return False
+    return bool(_SPOTFILE_RE.search(p.name)) or _has_spot_header(p)
+
+
+def _has_spot_header(p: Path) -> bool:
+    """True when the first line of a table names x, y, pixel_x, pixel_y (any accepted alias), or is
+    the ST spot detector's headerless 6/7 numeric columns. Reads a few kB only; never raises."""
+    try:
+        head = _read_text_head(p, 4096)
+    except Exception:
+        return False
+    lines = head.lstrip("\n\r").splitlines()
+    if not lines or (len(lines) == 1 and len(head) >= 4096):  # a first line this long is a counts header
+        return False
+    first = lines[0].strip()
+    sep = _sniff_sep(first)
+    toks = [_unquote(x) for x in re.split(sep, first) if x.strip() != ""]
+    if 6 <= len(toks) <= 7 and all(_to_float(x) is not None for x in toks):
+        return True
+    cols = {_norm_col(x) for x in toks}
+    return all(any(a in cols for a in SPOT_COLUMN_ALIASES[c]) for c in ("x", "y", "pixel_x", "pixel_y"))
 
 
 def _strip_table_ext(name: str) -> str:
@@ -79,12 +102,14 @@ def _strip_table_ext(name: str) -> str:
 def _section_tokens(name: str) -> set[str]:
     stem = _strip_table_ext(name)
     toks = set(t for t in re.split(r"[_\-.\s]+", stem) if t)
-    return toks - {"selection", "spot", "spots", "data", "stdata", "counts", "count", "tsv", "all", "matrix"}
+    return toks - {"selection", "spot", "spots", "data", "stdata", "counts", "count", "tsv", "all", "matrix",
+                   "alignment", "table"}
 
 
 def _legacy_pairs(folder: Path, counts_hint: Path | None = None) -> list[tuple[Path, Path]]:
     """(counts, spot file) pairs in a folder, matched by shared name tokens (C2.tsv.gz ↔ C2_selection.tsv,
-    stdata_A1.tsv ↔ spots_A1.tsv). Names only; no content read."""
+    stdata_A1.tsv ↔ spots_A1.tsv, A1.tsv ↔ alignment_table_A1.tsv). Spot tables are recognised by name or
+    by their header (:func:`_is_spot_file`); nothing beyond the first few kB of a table is read."""
     if not folder.is_dir():
         return []
     files = [q for q in folder.iterdir() if q.is_file() and not q.name.startswith(".")]
@@ -310,12 +335,15 @@ def read_legacy_st(path, *, image=None, name: str | None = None, um_per_px: floa
     """Read a legacy Spatial Transcriptomics section (Ståhl et al. 2016 arrays; her2st, STUtility).
 
     ``path``: the section folder, or its counts / spot file. The folder holds a counts table
-    (spots × genes, ``XxY`` labels), a spot table (``*_selection.tsv``, ``spots_*.tsv``,
+    (spots × genes, ``XxY`` labels), a spot table (``*_selection.tsv``, ``spots_*.tsv``, STUtility's
+    ``alignment_table_<id>.tsv`` or any table whose header names the x/y/pixel columns,
     ``*spot_data*.tsv``; columns see :data:`SPOT_COLUMN_ALIASES`) and the H&E image (found by
     extension). Only ``selected == 1`` spots that have counts are kept. ``obsm['spatial']`` =
     (pixel_x, pixel_y) full-res px, ``obs.array_col/array_row`` = x/y. µm/px is fitted from the
-    200 µm lattice (array index → pixel affine). The image is opened lazily; ``uns['spatial']`` gets a
-    ≤2000 px hires thumbnail from a JPEG draft decode (the full image is not decoded here)."""
+    200 µm lattice: the array index → pixel affine, applied to the index sites the spots occupy, so
+    that the nearest-neighbour spacing is 200 µm (one index step on 1k arrays, the diagonal step on
+    offset arrays whose x + y is always even; :mod:`napari_diffst.data.lattice`). The image is opened
+    lazily; ``uns['spatial']`` gets a ≤2000 px hires thumbnail from a JPEG draft decode (the full image is not decoded here)."""
     p = Path(os.fspath(path))
     if not p.exists():
         raise DataFormatError(p, "path does not exist", "a legacy ST section folder")
@@ -325,8 +353,9 @@ def read_legacy_st(path, *, image=None, name: str | None = None, um_per_px: floa
         raise DataFormatError(
             p, "cannot find exactly one (counts table, spot table) pair",
             "a folder with one counts table ('<id>.tsv.gz', spots × genes) and one spot table "
-            "('<id>_selection.tsv', 'spots_<id>.tsv' or '*spot_data*.tsv'); pass the counts file when a folder "
-            "holds several sections")
+            "('<id>_selection.tsv', 'spots_<id>.tsv', '*spot_data*.tsv', or any table whose header has columns "
+            "x, y, pixel_x, pixel_y such as STUtility's 'alignment_table_<id>.tsv'); pass the counts file when a "
+            "folder holds several sections")
     if len(pairs) > 1:
         raise DataFormatError(p, f"{len(pairs)} sections in one folder ({', '.join(c.name for c, _ in pairs)})",
                               "the counts file of the section to open")
@@ -375,16 +404,18 @@ def read_legacy_st(path, *, image=None, name: str | None = None, um_per_px: floa
     array_cr = srow[["x", "y"]].to_numpy(np.float64)
 
     # -- scale: 200 µm lattice -------------------------------------------------------------------
+    # The pitch is the nearest-neighbour spacing of the lattice the spots occupy, derived from the indices
+    # and positions: one index step on a 1k array, the diagonal step on offset arrays (x + y even).
     pitch = LATTICE_PITCH_UM["legacy_st"]
-    um_fit = _lattice_fit_um_per_px(sel[["x", "y"]].to_numpy(float), sel[["pixel_x", "pixel_y"]].to_numpy(float),
-                                    (pitch, pitch))
+    um_fit, ilat = lattice_um_per_px(sel[["x", "y"]].to_numpy(float), sel[["pixel_x", "pixel_y"]].to_numpy(float),
+                                     pitch)
     um_nn = estimate_um_per_px(sel[["pixel_x", "pixel_y"]].to_numpy(float), pitch)
     if um_per_px is not None:
         if not _finite_pos(um_per_px):
             raise DataFormatError(None, f"um_per_px={um_per_px!r} is not a positive number", "a positive float")
         um, um_src = float(um_per_px), "user"
     elif _finite_pos(um_fit):
-        um, um_src = um_fit, "200 µm lattice fit (array index → pixel affine)"
+        um, um_src = um_fit, "200 µm lattice fit (array index → pixel affine, nearest-neighbour pitch)"
     elif _finite_pos(um_nn):
         um, um_src = um_nn, "200 µm lattice (median nearest-neighbour distance)"
     else:
@@ -427,7 +458,9 @@ def read_legacy_st(path, *, image=None, name: str | None = None, um_per_px: floa
                               "image": str(img_path) if img_path else None},
                     "image_source": img_path.name if img_path else "none",
                     "um_per_px_source": um_src, "um_per_px_lattice": um_fit, "um_per_px_nn": um_nn,
-                    "n_selected_without_counts": n_unmatched, "array_coords_for_fit": "x, y"},
+                    "n_selected_without_counts": n_unmatched, "array_coords_for_fit": "x, y",
+                    "lattice_kind": ilat.kind if ilat is not None else None,
+                    "index_cells_per_site": ilat.index_cells_per_site if ilat is not None else None},
     )
 
 
