@@ -115,6 +115,20 @@ def masked_disk_fraction(fld, sample, radius_um):
     return float((~fld.hr_mask.ravel()[inside]).mean())
 
 
+def hull_hole_fraction(fld, sample):
+    """Fraction of HR pixels inside the convex hull of the spots that the HR mask leaves empty: on a
+    complete lattice every such pixel belongs to some spot's cell, so this is ~0 (only ties on the
+    hull's edge); a checkerboard leaves about half of them empty."""
+    from scipy.spatial import Delaunay
+
+    A = fld.extra["hr_affine"]
+    H, W = fld.hr_mask.shape
+    rr, cc = np.mgrid[0:H, 0:W]
+    pts = (A @ np.c_[cc.ravel(), rr.ravel(), np.ones(H * W)].T).T[:, :2]
+    inside = Delaunay(np.asarray(sample.adata.obsm["spatial"], float)).find_simplex(pts) >= 0
+    return float((~fld.hr_mask.ravel()[inside]).mean())
+
+
 # ------------------------------------------------------------------------------------------------
 # STUtility layout (blocker 1)
 # ------------------------------------------------------------------------------------------------
@@ -217,8 +231,10 @@ def test_lattice_grids_have_no_holes(kind, angle, missing):
         occupied = nat.lr_mask.sum() / nat.lr_mask.size
         if not missing and angle == 0:
             assert occupied > (0.45 if kind == "offset" else 0.99)  # offset: a diamond in a 45° raster
-    # every spot disk (0.45 pitch) is covered by the HR mask
+    # every spot disk (0.45 pitch) is covered by the HR mask, and a complete lattice has no holes at all
     assert masked_disk_fraction(nat, s, 0.45 * pitch_um) == 0.0
+    if not missing:
+        assert hull_hole_fraction(nat, s) < 0.02
 
 
 def test_offset_lattice_used_to_be_a_checkerboard():
@@ -241,3 +257,4 @@ def test_offset_stutility_section_end_to_end(tmp_path):
     assert fld.extra["pitch_um"] == pytest.approx(200.0, rel=0.01)
     assert len(np.unique(fld.extra["lr_spot_index"][fld.lr_mask])) == s.n_spots
     assert masked_disk_fraction(fld, s, 90.0) == 0.0
+    assert hull_hole_fraction(fld, s) < 0.02
