@@ -122,13 +122,20 @@ def cmd_sample(args) -> int:
     from . import pipeline as P
     from .io.writers import write_ome_zarr
 
+    from .tiling import plan_sampling
+
     model, meta, genes, scale, gene_scale = _load_ckpt(args.checkpoint, args.device)
     sample = P.load_data(args.data, seed=args.seed_data)
-    if getattr(args, "tile", 0):
-        return _sample_tiled(args, model, sample, genes, scale, gene_scale)
-    field, mode = _field_for(sample, genes, scale, gene_scale, args.mode, he_per_hr=model.config["he_per_hr"])
+    mode = args.mode if args.mode != "auto" else ("truth" if sample.hr_truth else "native")
+    plan = plan_sampling(sample, genes, scale, gene_scale=gene_scale, mode=mode, he_per_hr=model.config["he_per_hr"],
+                         n_samples=args.n_samples, tile=getattr(args, "tile", 0) or 0,
+                         overlap=getattr(args, "overlap", None), budget_mb=getattr(args, "max_untiled_mb", None))
+    if plan.tiled:
+        return _sample_tiled(args, model, sample, genes, scale, gene_scale, plan)
+    field, mode = _field_for(sample, genes, scale, gene_scale, mode, he_per_hr=model.config["he_per_hr"])
     print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× "
-          f"(HR {field.hr_um:.4g} µm) with {args.steps} steps × {args.n_samples} samples", file=sys.stderr)
+          f"(HR {field.hr_um:.4g} µm) with {args.steps} steps × {args.n_samples} samples — {plan.describe()}",
+          file=sys.stderr)
     t0 = time.time()
     res = _drain(P.super_resolve_iter(model, field, steps=args.steps, n_samples=args.n_samples, seed=args.seed,
                                       sampler=args.sampler), _bar(args.steps * args.n_samples, "sample"))
@@ -148,19 +155,17 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _sample_tiled(args, model, sample, genes, scale, gene_scale) -> int:
-    """Whole-slide path: lazy H&E per tile, tiles blended straight into the OME-Zarr (bounded memory)."""
-    from .tiling import SlideSource, super_resolve_tiled_iter
+def _sample_tiled(args, model, sample, genes, scale, gene_scale, plan) -> int:
+    """Whole-slide path (``--tile``, or automatic above the memory budget: :func:`tiling.plan_sampling`): lazy
+    H&E per tile, tiles blended straight into the OME-Zarr (bounded memory)."""
+    from .tiling import super_resolve_tiled_iter
 
-    mode = args.mode if args.mode not in ("auto", "truth") else "native"
-    src = SlideSource.from_sample(sample, genes, scale, gene_scale=gene_scale, mode=mode,
-                                  he_per_hr=model.config["he_per_hr"])
+    src = plan.source()
     H, W = src.hr_shape
-    print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× (HR {src.hr_um:.4g} µm, "
-          f"{H}×{W} px) in {args.tile}-px tiles (overlap {args.overlap}) with {args.steps} steps × "
-          f"{args.n_samples} samples", file=sys.stderr)
+    print(f"super-resolving {sample.name} ({plan.mode}) {len(genes)} genes at {scale}× (HR {src.hr_um:.4g} µm) "
+          f"with {args.steps} steps × {args.n_samples} samples — {plan.describe()}", file=sys.stderr)
     t0 = time.time()
-    res = _drain(super_resolve_tiled_iter(model, src, tile=args.tile, overlap=args.overlap, steps=args.steps,
+    res = _drain(super_resolve_tiled_iter(model, src, tile=plan.tile, overlap=plan.overlap, steps=args.steps,
                                           n_samples=args.n_samples, seed=args.seed, sampler=args.sampler,
                                           batch_tiles=args.batch_tiles, out=args.out), _bar(1, "tiles"))
     print(f"wrote {args.out} ({len(genes)} genes + uncertainty, {H}×{W} px at {src.hr_um:.4g} µm, "
@@ -238,9 +243,14 @@ def add_commands(sub) -> None:
     s.add_argument("--seed-data", type=int, default=0, help=argparse_hidden())
     s.add_argument("--device", default="auto")
     s.add_argument("--tile", type=int, default=0,
-                   help="HR pixels per tile side: whole-slide tiled sampling with bounded memory (0: one field)")
-    s.add_argument("--overlap", type=int, default=16, help="tile overlap in HR pixels (blended)")
+                   help="HR pixels per tile side: whole-slide tiled sampling with bounded memory (0: one field, "
+                        "tiled automatically when its rasters exceed the memory budget)")
+    s.add_argument("--overlap", type=int, default=None,
+                   help="tile overlap in HR pixels (blended; default 16, or a quarter of an automatic tile)")
     s.add_argument("--batch-tiles", type=int, default=4, help="tiles per denoiser call")
+    s.add_argument("--max-untiled-mb", type=float, default=None,
+                   help="memory budget (MiB) of untiled sampling; above it tiles are used automatically "
+                        "(default: 192, the largest H&E raster built in memory)")
     s.add_argument("--out", required=True, help="output .zarr folder")
     s.set_defaults(func=cmd_sample)
 

@@ -66,6 +66,9 @@ __all__ = [
 SCALE_RANGE = (2, 10)
 #: Fallback H&E sampling (µm per H&E pixel) when neither ``he_um_per_px`` nor ``he_per_hr`` is given.
 DEFAULT_HE_UM_PER_PX = 4.0
+#: Largest H&E raster (values) :func:`make_field` builds in memory (3·4096², 192 MiB as float32); sampling
+#: above it is tiled automatically (:func:`napari_diffst.tiling.plan_sampling`).
+MAX_HE_VALUES = 3 * 4096 * 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -517,7 +520,7 @@ def make_field(sample: Sample, genes: Sequence[str], scale: int = 2, mode: str =
                he_um_per_px: float | None = None, he_per_hr: int | None = None,
                gene_scale: np.ndarray | None = None, gene_scale_q: float = 99.0,
                lattice: Lattice | None = None, bin_lattice: int = 1, with_he: bool = True,
-               min_occupancy: float = 0.01, max_he_values: int = 3 * 4096 * 4096) -> SRField:
+               min_occupancy: float = 0.01, max_he_values: int = MAX_HE_VALUES) -> SRField:
     """Rasterise one section into an :class:`~napari_diffst.data.pairs.SRField`.
 
     Modes
@@ -673,7 +676,8 @@ def make_field(sample: Sample, genes: Sequence[str], scale: int = 2, mode: str =
     A_he = A_hr @ np.array([[1 / k, 0, 0.5 / k - 0.5], [0, 1 / k, 0.5 / k - 0.5], [0, 0, 1]])
     if with_he and 3 * H * k * W * k > max_he_values:
         raise ValueError(f"the H&E raster would be {H * k}×{W * k} px ({3 * H * k * W * k * 4 / 2**30:.1f} GiB); "
-                         f"use a larger he_um_per_px (now {hr_um / k:.3g} µm) or with_he=False")
+                         f"use a larger he_um_per_px (now {hr_um / k:.3g} µm) or with_he=False (tiled sampling: "
+                         "napari_diffst.tiling.plan_sampling)")
     if with_he and sample.image is not None:
         he = sample_image(sample, A_he, (H * k, W * k))
     else:
