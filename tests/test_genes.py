@@ -81,6 +81,25 @@ def test_resolve_case_insensitive_symbols_and_ensembl():
     assert [list(x.var_names[i]) for x, i in zip((a, b), check_genes([a, b], ["flat"]))] == [["FLAT"], ["FLAT"]]
 
 
+def test_versioned_ensembl_var_names_match_the_bare_id():
+    """STUtility counts tables name genes by versioned Ensembl ids (issue 17, item 17)."""
+    a = make_section(0, name="A1")
+    a.var = pd.DataFrame(index=[f"ENSMUSG{22548 + k:011d}.{14 - k % 3}" for k in range(a.n_vars)])
+    first, third = a.var_names[0], a.var_names[2]
+    bare0, bare2 = first.split(".")[0], third.split(".")[0]
+    assert list(a.var_names[resolve_genes(a, [bare0, bare2.lower(), first])]) == [first, third, first]
+    assert list(a.var_names[resolve_genes(a, [bare0 + ".99"])]) == [first]  # another version: same gene
+    with pytest.raises(GeneNotFoundError) as ei:
+        resolve_genes(a, ["ENSMUSG00000022548X"])
+    assert ei.value.suggestions["ENSMUSG00000022548X"][0] == first  # the suggestion names the real var name
+    b = a.copy()
+    b.var = pd.DataFrame(index=[v.split(".")[0] + ".1" for v in a.var_names])  # other release, other versions
+    names = select_genes([a, b], method="names", names=[bare2])
+    assert list(names) == [third]
+    assert [list(x.var_names[i]) for x, i in zip((a, b), check_genes([a, b], [bare2]))] == [
+        [third], [bare2 + ".1"]]
+
+
 def test_gene_not_found_suggests_near_matches():
     a = make_section(0, name="C3")
     a.var_names = ["ERBB2" if v == "FILL0" else ("ERBB3" if v == "FILL1" else v) for v in a.var_names]

@@ -186,7 +186,7 @@ def test_visium_hd_fixture(fixtures_dir):
     _assert_inside(s)
     # MTX folder alone gives the same barcodes (its .gz files are plain text: content is sniffed)
     tmp_sq = d  # h5 preferred; read MTX via the private loader to compare
-    from napari_diffst.io.readers import _read_10x_mtx
+    from napari_diffst.io.visium import _read_10x_mtx
 
     X2, bc2, names2, *_ = _read_10x_mtx(tmp_sq / "filtered_feature_bc_matrix")
     assert set(bc2) == set(s.adata.obs_names) and list(names2[:3]) == ["Xkr4", "Rp1", "Sox17"]

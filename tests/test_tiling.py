@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_diffst import pipeline as P
-from napari_diffst.errors import CancelledError
+from napari_diffst.errors import CancelledError, DataFormatError
 from napari_diffst.tiling import (FieldSource, PositionNoise, SlideSource, axis_windows, plan_tiles, seam_ratio,
                                   super_resolve_tiled, super_resolve_tiled_iter)
 
@@ -197,3 +197,61 @@ def test_peak_memory_depends_on_the_tile_not_the_slide():
     print(f"\nRSS increase: {small['size_um']:.0f} µm {small['increase_mb']} MiB, "
           f"{large['size_um']:.0f} µm {large['increase_mb']} MiB")
     assert large["increase_mb"] <= small["increase_mb"] * 1.3 + 25.0
+
+
+# ------------------------------------------------------------------------------------------------
+# automatic tiling above the memory budget (issue 17, blocker 3)
+# ------------------------------------------------------------------------------------------------
+def test_plan_sampling_tiles_her2st_at_8x_automatically(her2st_dir):
+    """The issue's case: native 8× on a her2st section with a network at 32 H&E px per HR px needs a
+    multi-GiB H&E raster untiled; the plan tiles it, and whenever it does not, make_field builds the field."""
+    import warnings
+
+    from napari_diffst.data.grids import make_field
+    from napari_diffst.io import read
+    from napari_diffst.tiling import auto_tile, plan_sampling, untiled_budget_mb
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = read(her2st_dir / "C2")
+    plan = plan_sampling(s, ["ERBB2"], 8, mode="native", he_per_hr=32, n_samples=4)
+    assert plan.tiled and plan.auto and plan.untiled_mb > untiled_budget_mb()
+    assert (plan.tile, plan.overlap) == auto_tile(32) == (64, 16)
+    assert plan.n_tiles > 1 and "tiled automatically" in plan.describe()
+    with pytest.raises(ValueError, match="H&E raster"):  # what the untiled path did before
+        make_field(s, ["ERBB2"], 8, mode="native", he_per_hr=32)
+    small = plan_sampling(s, ["ERBB2"], 2, mode="native", he_per_hr=4, n_samples=4)
+    assert not small.tiled and "untiled" in small.describe()
+    make_field(s, ["ERBB2"], 2, mode="native", he_per_hr=4)  # fits: no error
+    with pytest.raises(DataFormatError, match="--out maps.ome.zarr"):  # the dock's one real limit
+        _too_big(s)
+
+
+def _too_big(s):
+    """Tiled, kept in memory, with the in-memory limit lowered below the maps' size."""
+    import napari_diffst.tiling as T
+    from napari_diffst.tiling import plan_sampling
+
+    old = T.IN_MEMORY_MAPS_MB
+    T.IN_MEMORY_MAPS_MB = 0.01
+    try:
+        plan_sampling(s, ["ERBB2"], 4, mode="native", he_per_hr=4, in_memory=True, budget_mb=0.001)
+    finally:
+        T.IN_MEMORY_MAPS_MB = old
+
+
+def test_cli_sample_tiles_automatically_above_the_budget(tmp_path, capsys):
+    from napari_diffst.cli import main as cli_main
+    from napari_diffst.io.writers import read_maps
+
+    ck = tmp_path / "run"
+    assert cli_main(["train", "--data", "synthetic", "--scale", "4", "--n-genes", "2", "--budget", "tiny",
+                     "--steps", "1", "--batch-size", "2", "--lr-size", "2", "--out", str(ck)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "maps.zarr"
+    assert cli_main(["sample", "--checkpoint", str(ck), "--data", "synthetic", "--steps", "1", "--n-samples", "1",
+                     "--max-untiled-mb", "0.01", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "tiled automatically" in err and "budget" in err and "Traceback" not in err
+    mf = read_maps(out)
+    assert len(mf.genes) == 2

@@ -245,3 +245,20 @@ def test_grid_shape_fits_canvas():
     assert W.grid_shape(5, (500, 1500), (60, 55)) == (1, 5)  # wide canvas: one row
     assert W.grid_shape(4, (800, 800), (10, 10)) == (2, 2)
     assert W.grid_shape(1, (800, 600), (10, 10)) == (1, 1)
+
+
+def test_sample_job_tiles_automatically_above_the_budget(synth, trained):
+    """The dock's worker takes the tiled path when the untiled rasters exceed the budget (issue 17):
+    the ready event says so, progress names the tiles, the result is a normal SRResult for the layers."""
+    s, genes = synth
+    out = list(W.sample_job(W.Job("sample"), trained[0], s, steps=2, n_samples=1, budget_mb=0.001))
+    ready = next(d for d in out if d["kind"] == "ready")
+    assert "tiled automatically" in ready["tiling"] and ready["mode"] == "native"
+    prog = [d for d in out if d["kind"] == "progress"]
+    assert prog and all(d["desc"].startswith("napari-diffst: tiles ") for d in prog)
+    res = out[-1]["result"]
+    assert out[-1]["kind"] == "result" and res.mean.shape == (len(genes), *ready["field"].hr_shape)
+    assert np.all(np.isnan(out[-1]["maps"][:, ~ready["field"].hr_mask]))
+    untiled = next(d for d in W.sample_job(W.Job("sample"), trained[0], s, steps=1, n_samples=1)
+                   if d["kind"] == "ready")
+    assert "untiled" in untiled["tiling"]

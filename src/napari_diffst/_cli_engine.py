@@ -134,13 +134,23 @@ def cmd_sample(args) -> int:
     from .io.safety import refuse_existing
 
     refuse_existing(args.out, getattr(args, "overwrite", False))  # an existing output is replaced only if asked
+    from .tiling import plan_sampling
+
     model, meta, genes, scale, gene_scale = _load_ckpt(args.checkpoint, args.device)
     sample = P.load_data(args.data, seed=args.seed_data)
-    if getattr(args, "tile", 0):
-        return _sample_tiled(args, model, sample, genes, scale, gene_scale)
-    field, mode = _field_for(sample, genes, scale, gene_scale, args.mode, he_per_hr=model.config["he_per_hr"])
+    mode = args.mode if args.mode != "auto" else ("truth" if sample.hr_truth else "native")
+    plan = plan_sampling(sample, genes, scale, gene_scale=gene_scale, mode=mode, he_per_hr=model.config["he_per_hr"],
+                         n_samples=args.n_samples, tile=getattr(args, "tile", 0) or 0,
+                         overlap=getattr(args, "overlap", None), budget_mb=getattr(args, "max_untiled_mb", None))
+    if plan.tiled:
+        if fmt != "ome-zarr":
+            raise DataFormatError(args.out, f"this section needs tiled sampling ({plan.describe()}), which writes "
+                                  f"OME-Zarr tile by tile, not {fmt}", "an .ome.zarr output")
+        return _sample_tiled(args, model, sample, genes, scale, gene_scale, plan)
+    field, mode = _field_for(sample, genes, scale, gene_scale, mode, he_per_hr=model.config["he_per_hr"])
     print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× "
-          f"(HR {field.hr_um:.4g} µm) with {args.steps} steps × {args.n_samples} samples", file=sys.stderr)
+          f"(HR {field.hr_um:.4g} µm) with {args.steps} steps × {args.n_samples} samples — {plan.describe()}",
+          file=sys.stderr)
     t0 = time.time()
     res = _drain(P.super_resolve_iter(model, field, steps=args.steps, n_samples=args.n_samples, seed=args.seed,
                                       sampler=args.sampler), _bar(args.steps * args.n_samples, "sample"))
@@ -160,19 +170,17 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _sample_tiled(args, model, sample, genes, scale, gene_scale) -> int:
-    """Whole-slide path: lazy H&E per tile, tiles blended straight into the OME-Zarr (bounded memory)."""
-    from .tiling import SlideSource, super_resolve_tiled_iter
+def _sample_tiled(args, model, sample, genes, scale, gene_scale, plan) -> int:
+    """Whole-slide path (``--tile``, or automatic above the memory budget: :func:`tiling.plan_sampling`): lazy
+    H&E per tile, tiles blended straight into the OME-Zarr (bounded memory)."""
+    from .tiling import super_resolve_tiled_iter
 
-    mode = args.mode if args.mode not in ("auto", "truth") else "native"
-    src = SlideSource.from_sample(sample, genes, scale, gene_scale=gene_scale, mode=mode,
-                                  he_per_hr=model.config["he_per_hr"])
+    src = plan.source()
     H, W = src.hr_shape
-    print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× (HR {src.hr_um:.4g} µm, "
-          f"{H}×{W} px) in {args.tile}-px tiles (overlap {args.overlap}) with {args.steps} steps × "
-          f"{args.n_samples} samples", file=sys.stderr)
+    print(f"super-resolving {sample.name} ({plan.mode}) {len(genes)} genes at {scale}× (HR {src.hr_um:.4g} µm) "
+          f"with {args.steps} steps × {args.n_samples} samples — {plan.describe()}", file=sys.stderr)
     t0 = time.time()
-    res = _drain(super_resolve_tiled_iter(model, src, tile=args.tile, overlap=args.overlap, steps=args.steps,
+    res = _drain(super_resolve_tiled_iter(model, src, tile=plan.tile, overlap=plan.overlap, steps=args.steps,
                                           n_samples=args.n_samples, seed=args.seed, sampler=args.sampler,
                                           batch_tiles=args.batch_tiles, out=args.out), _bar(1, "tiles"))
     print(f"wrote {args.out} ({len(genes)} genes + uncertainty, {H}×{W} px at {src.hr_um:.4g} µm, "
@@ -256,8 +264,10 @@ def add_commands(sub) -> None:
     s.add_argument("--seed-data", type=int, default=0, help=argparse_hidden())
     s.add_argument("--device", default="auto")
     s.add_argument("--tile", type=int, default=0,
-                   help="HR pixels per tile side: whole-slide tiled sampling with bounded memory (0: one field)")
-    s.add_argument("--overlap", type=int, default=16, help="tile overlap in HR pixels (blended)")
+                   help="HR pixels per tile side: whole-slide tiled sampling with bounded memory (0: one field, "
+                        "tiled automatically when its rasters exceed the memory budget)")
+    s.add_argument("--overlap", type=int, default=None,
+                   help="tile overlap in HR pixels (blended; default 16, or a quarter of an automatic tile)")
     s.add_argument("--batch-tiles", type=int, default=4, help="tiles per denoiser call")
     s.add_argument("--out", required=True,
                    help="output: .ome.zarr/.zarr (OME-Zarr), .ome.tif(f) (OME-TIFF), .h5ad (AnnData for scanpy/squidpy), "
@@ -265,6 +275,9 @@ def add_commands(sub) -> None:
     s.add_argument("--format", choices=["ome-zarr", "tiff", "h5ad", "spatialdata"], default=None,
                    help="output format (default: from the --out suffix)")
     s.add_argument("--overwrite", action="store_true", help="replace --out if it exists (else: refused)")
+    s.add_argument("--max-untiled-mb", type=float, default=None,
+                   help="memory budget (MiB) of untiled sampling; above it tiles are used automatically "
+                        "(default: 192, the largest H&E raster built in memory)")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="score super-resolved maps against HR truth")

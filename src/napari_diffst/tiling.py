@@ -35,7 +35,8 @@ from .data.pairs import GeneGrid, SRField
 from .errors import CancelledError, DataFormatError
 
 __all__ = ["TilePlan", "plan_tiles", "axis_windows", "seam_ratio", "PositionNoise", "FieldSource", "SlideSource",
-           "TiledResult", "super_resolve_tiled_iter", "super_resolve_tiled"]
+           "TiledResult", "super_resolve_tiled_iter", "super_resolve_tiled", "SamplingPlan", "plan_sampling",
+           "untiled_mb", "untiled_budget_mb", "auto_tile", "IN_MEMORY_MAPS_MB"]
 
 NOISE_BLOCK = 32
 
@@ -303,6 +304,121 @@ class SlideSource(TileSource):
         if self.sample.image is None:
             return np.zeros((3, h * k, w * k), np.float32)
         return sample_image(self.sample, self._A_he_spot @ shift, (h * k, w * k))
+
+
+# ------------------------------------------------------------------------------------------ plan: tiled or not
+def untiled_mb(hr_shape: tuple[int, int], n_genes: int, he_per_hr: int, n_samples: int) -> float:
+    """MiB of the rasters an untiled run holds at once (float32): the H&E raster (3 × H·k × W·k) and the
+    maps (condition, running sums, mean and std of ``n_samples`` samples: ~(2·n_samples + 4) × G × H × W)."""
+    H, W = int(hr_shape[0]), int(hr_shape[1])
+    k = int(he_per_hr)
+    return 4.0 * (3.0 * H * k * W * k + (2 * int(n_samples) + 4) * int(n_genes) * H * W) / 2 ** 20
+
+
+def untiled_budget_mb() -> float:
+    """The memory budget of untiled sampling: the H&E raster :func:`~napari_diffst.data.grids.make_field` agrees
+    to build (:data:`~napari_diffst.data.grids.MAX_HE_VALUES` float32 values, 192 MiB)."""
+    from .data.grids import MAX_HE_VALUES
+
+    return 4.0 * MAX_HE_VALUES / 2 ** 20
+
+
+#: Largest in-memory result of a tiled run (mean + std maps and their display copies, MiB); above it only
+#: streaming to OME-Zarr (``napari-diffst sample … --out maps.ome.zarr``) can hold the maps.
+IN_MEMORY_MAPS_MB = 4096.0
+
+
+def auto_tile(he_per_hr: int) -> tuple[int, int]:
+    """Tile side and overlap (HR px) for automatic tiling: each tile's H&E at most ~2048² px, tiles of
+    16–256 HR px in steps of 16, a quarter of the tile as overlap (64 / 16 at 32 H&E px per HR px)."""
+    t = (2048 // max(1, int(he_per_hr))) // 16 * 16
+    t = int(min(256, max(16, t)))
+    return t, t // 4
+
+
+@dataclass
+class SamplingPlan:
+    """How a section is sampled: untiled (one field, H&E raster in memory) or tiled (:class:`SlideSource`)."""
+
+    tiled: bool
+    auto: bool                 # tiled because the untiled rasters exceed the budget (not asked for)
+    tile: int
+    overlap: int
+    hr_shape: tuple[int, int]
+    hr_um: float
+    untiled_mb: float
+    budget_mb: float
+    mode: str
+    field: SRField             # the section's field without H&E (LR maps, masks, placement)
+    sample: object = None
+
+    @property
+    def n_tiles(self) -> int:
+        if not self.tiled:
+            return 1
+        return plan_tiles(self.hr_shape, self.tile, self.overlap, mask=self.field.hr_mask).n_tiles
+
+    def source(self) -> "SlideSource":
+        """The lazy tile source (H&E read per tile)."""
+        return SlideSource(self.sample, self.field)
+
+    def describe(self) -> str:
+        """One line for progress text and logs."""
+        H, W = self.hr_shape
+        if not self.tiled:
+            return f"untiled ({H}×{W} px, {self.untiled_mb:.0f} MiB ≤ {self.budget_mb:.0f} MiB budget)"
+        why = (f"tiled automatically: the untiled rasters would take {_fmt_mb(self.untiled_mb)} > "
+               f"{_fmt_mb(self.budget_mb)} budget" if self.auto else "tiled")
+        return f"{why}; {self.n_tiles} tiles of {self.tile} px (overlap {self.overlap}) over {H}×{W} px"
+
+
+def _fmt_mb(mb: float) -> str:
+    return f"{mb / 1024:.1f} GiB" if mb >= 1024 else f"{mb:.0f} MiB"
+
+
+def plan_sampling(sample, genes: Sequence[str], scale: int, *, gene_scale=None, mode: str = "native",
+                  he_per_hr: int, n_samples: int = 4, tile: int = 0, overlap: int | None = None,
+                  budget_mb: float | None = None, in_memory: bool = False) -> SamplingPlan:
+    """Decide how to sample a section: untiled when its rasters fit ``budget_mb`` (default
+    :func:`untiled_budget_mb`), else tiled automatically (:func:`auto_tile`); ``tile > 0`` always tiles.
+
+    Builds the section's field **without** H&E (cheap: spots, lattice, masks) to know the HR grid. A
+    tiled run super-resolves the observed spots (``'truth'`` becomes ``'native'``). With ``in_memory``
+    (the dock: maps kept as layers) a result larger than :data:`IN_MEMORY_MAPS_MB` raises a one-line
+    :class:`~napari_diffst.errors.DataFormatError` — the only case that really cannot be done there."""
+    from .data.grids import make_field
+
+    budget = untiled_budget_mb() if budget_mb is None else float(budget_mb)
+    G = len(list(genes))
+
+    def bare(m):
+        fld = make_field(sample, genes, scale, mode=m, gene_scale=gene_scale, he_per_hr=he_per_hr, with_he=False)
+        fld.he = np.zeros((3, 0, 0), np.float32)  # never materialise the slide-sized H&E raster here
+        return fld
+
+    fld = bare(mode)
+    need = untiled_mb(fld.hr_shape, G, he_per_hr, n_samples)
+    tiled = int(tile or 0) > 0 or need > budget
+    auto = tiled and not int(tile or 0) > 0
+    if not tiled:
+        return SamplingPlan(False, False, 0, 0, fld.hr_shape, fld.hr_um, need, budget, mode, fld, sample)
+    if mode == "truth":
+        mode = "native"
+        fld = bare(mode)
+    if int(tile or 0) > 0:
+        t, ov = int(tile), int(16 if overlap is None else overlap)
+    else:
+        t, ov = auto_tile(he_per_hr)
+        if overlap is not None:
+            ov = min(int(overlap), t - 1)
+    H, W = fld.hr_shape
+    maps_mb = 4.0 * 4 * G * H * W / 2 ** 20  # mean + std, and their masked display copies
+    if in_memory and maps_mb > IN_MEMORY_MAPS_MB:
+        raise DataFormatError(None, f"the {int(scale)}× maps of {G} genes on a {H}×{W} px grid would take "
+                              f"{_fmt_mb(maps_mb)} in memory (limit {_fmt_mb(IN_MEMORY_MAPS_MB)})",
+                              "a lower scale or fewer genes, or the CLI, which streams tiles to disk: "
+                              "napari-diffst sample … --out maps.ome.zarr")
+    return SamplingPlan(True, auto, t, ov, fld.hr_shape, fld.hr_um, need, budget, mode, fld, sample)
 
 
 # ------------------------------------------------------------------------------------------ sampling

@@ -229,10 +229,13 @@ class SampleSection(Section):
                 warn = " (the checkpoint's genes differ from section 3: the checkpoint's are used)"
             self._status_text = (f"{len(g)} genes ({', '.join(g[:4])}{'…' if len(g) > 4 else ''}) at "
                                  f"{self.info['scale']}× on {d['device']} — {self.mode}, HR {fld.hr_um:.3g} µm, "
-                                 f"grid {fld.hr_shape[0]}×{fld.hr_shape[1]}{warn}")
+                                 f"grid {fld.hr_shape[0]}×{fld.hr_shape[1]}{warn}"
+                                 + (f"; {d['tiling']}" if d.get("tiling") and "tiled" in d["tiling"]
+                                    and "untiled" not in d["tiling"] else ""))
         elif kind == "progress":
             self.runner.set_progress(d["done"], total=d["total"],
-                                     desc=f"napari-diffst: sample {d['sample'] + 1}, step {d['done']}/{d['total']}")
+                                     desc=d.get("desc") or
+                                     f"napari-diffst: sample {d['sample'] + 1}, step {d['done']}/{d['total']}")
             if "preview" in d:
                 self._pending_preview = (d["preview"], f"(sample {d['sample'] + 1}, step {d['done']}/{d['total']})")
         elif kind == "result":

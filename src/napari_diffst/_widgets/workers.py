@@ -262,8 +262,12 @@ def result_layer_data(res) -> dict:
 
 def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int = 4, seed: int = 0,
                mode: str = "auto", device: str = "auto", preview_every_s: float = 0.25,
-               preview_lut: np.ndarray | None = None, preview_px: int = 200) -> Iterator[dict]:
-    """Load a checkpoint and super-resolve ``sample`` (:func:`pipeline.super_resolve_iter`).
+               preview_lut: np.ndarray | None = None, preview_px: int = 200,
+               budget_mb: float | None = None) -> Iterator[dict]:
+    """Load a checkpoint and super-resolve ``sample`` (:func:`pipeline.super_resolve_iter`), tiled
+    automatically when the untiled rasters exceed the memory budget (:func:`tiling.plan_sampling`;
+    ``budget_mb`` overrides it): then ``ready`` carries ``tiling`` (a one-line description) and the
+    progress events ``desc`` (tiles and steps), without previews.
 
     Yields ``prepare`` → ``ready`` (``field``, ``info``, ``mode``, ``total``) → ``progress`` per reverse step
     (``done``, ``total``, ``sample``, ``i``, and ``x0_pred`` — the current denoised estimate, model units —
@@ -274,6 +278,7 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
     def body():
         from .. import pipeline as P
         from ..device import resolve_device
+        from ..tiling import plan_sampling
         from ..train.checkpoint import load_checkpoint
 
         yield {"kind": "prepare", "message": f"loading {checkpoint}"}
@@ -282,10 +287,21 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
         net = ema if ema is not None else model
         del model
         info = checkpoint_info(meta)
+        m0 = mode if mode != "auto" else ("truth" if sample.hr_truth else "native")
+        he_per_hr = info.get("he_per_hr") or net.config.get("he_per_hr")
+        plan = None
+        if m0 != "degrade" and he_per_hr:  # degrade fields are spot-sized: never tiled
+            plan = plan_sampling(sample, info["genes"], info["scale"], gene_scale=info["gene_scale"], mode=m0,
+                                 he_per_hr=int(he_per_hr), n_samples=int(n_samples), budget_mb=budget_mb,
+                                 in_memory=True)
+        if plan is not None and plan.tiled:
+            yield from _tiled_body(net, plan, info, dev)
+            return
         field, m = field_for_checkpoint(sample, info, mode)
         n = int(steps)
         total = None
-        yield {"kind": "ready", "field": field, "info": info, "mode": m, "device": str(dev)}
+        yield {"kind": "ready", "field": field, "info": info, "mode": m, "device": str(dev),
+               "tiling": plan.describe() if plan is not None else None}
         thr = Throttle(preview_every_s)
         for upd in P.super_resolve_iter(net, field, steps=n, n_samples=int(n_samples), seed=int(seed)):
             if job.cancelled:
@@ -305,6 +321,36 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
                     out["preview"] = preview_rgba(upd["x0_pred"][0], float(field.gene_scale[0]), field.hr_mask,
                                                   preview_lut, preview_px)
             yield out
+
+    def _tiled_body(net, plan, info, dev):
+        from ..pipeline import SRResult
+        from ..tiling import super_resolve_tiled_iter
+
+        src = plan.source()
+        fld = plan.field
+        fld.extra["tiled"] = {"tile": plan.tile, "overlap": plan.overlap, "auto": plan.auto}
+        yield {"kind": "ready", "field": fld, "info": info, "mode": plan.mode, "device": str(dev),
+               "tiling": plan.describe()}
+        res = None
+        for upd in super_resolve_tiled_iter(net, src, tile=plan.tile, overlap=plan.overlap, steps=int(steps),
+                                            n_samples=int(n_samples), seed=int(seed), device=dev,
+                                            should_stop=lambda: job.cancelled):
+            if job.cancelled:
+                yield {"kind": "cancelled", "message": f"sampling cancelled after {upd.get('done', 0)} steps"}
+                return
+            if "result" in upd:
+                res = upd["result"]
+                break
+            yield {"kind": "progress", "done": upd["done"], "total": upd["total"], "sample": 0,
+                   "i": upd["i"], "n_steps": upd["n_steps"],
+                   "desc": (f"napari-diffst: tiles {upd['tiles_done']}/{upd['n_tiles']}, "
+                            f"step {upd['i'] + 1}/{upd['n_steps']}")}
+        if res is None:
+            yield {"kind": "cancelled", "message": "sampling cancelled"}
+            return
+        std = res.std if res.std is not None else np.zeros_like(res.mean)
+        out = SRResult(res.mean, std, list(res.genes), res.hr_um, fld, res.steps, res.n_samples)
+        yield {"kind": "result", "result": out, "info": info, "mode": plan.mode, **result_layer_data(out)}
 
     return _guard(job, "super-resolution", body())
 

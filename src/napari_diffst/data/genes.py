@@ -104,10 +104,21 @@ def _lookup(x) -> dict[str, int]:
             table.setdefault(k, i)
             table.setdefault(k.split(".")[0], i)
     sym: dict[str, int] = {}
+    bare: dict[str, int] = {}
     for i, s in enumerate(_symbols(x)):  # first occurrence wins; symbols take precedence over ids
         sym.setdefault(s.lower(), i)
+        bare.setdefault(_gene_key(s), i)  # var_names that are versioned Ensembl ids also match bare
+    for k, i in bare.items():
+        table.setdefault(k, i)
     table.update(sym)
     return table
+
+
+def _gene_key(name: str) -> str:
+    """Matching key of a gene name: lower case; an Ensembl id loses its version suffix
+    (``ENSMUSG00000022548.14`` → ``ensmusg00000022548``)."""
+    k = str(name).strip().lower()
+    return k.split(".")[0] if _ENSEMBL.match(k) else k
 
 
 def _suggest(name: str, x, n: int = 3) -> list[str]:
@@ -256,10 +267,10 @@ def morans_i(values: np.ndarray, W: sp.spmatrix) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 def _common_genes(sections: list) -> tuple[list[str], list[np.ndarray]]:
     """Genes (canonical symbols of the first section) present in every section, and per-section
-    column indices (case-insensitive symbol match)."""
+    column indices (case-insensitive symbol match; Ensembl ids match across version suffixes)."""
     first = _symbols(sections[0])
-    keys = [s.lower() for s in first]
-    tables = [{s.lower(): i for i, s in reversed(list(enumerate(_symbols(x))))} for x in sections]
+    keys = [_gene_key(s) for s in first]
+    tables = [{_gene_key(s): i for i, s in reversed(list(enumerate(_symbols(x))))} for x in sections]
     seen: set[str] = set()
     names, cols = [], [[] for _ in sections]
     for k, nm in zip(keys, first):

@@ -7,8 +7,10 @@ Frames (see ``docs/coordinates.md``)
   Pixel-index convention everywhere: the centre of pixel ``[r, c]`` is at (x, y) = (c, r).
 * **lattice**: spot ``k`` sits at ``origin + i_k·a1 + j_k·a2`` (integer i, j). ``a1`` is the lattice
   direction nearest the image +x axis, ``a2`` the second basis vector (square: ⟂, nearest +y;
-  hexagonal: at 60°, towards +y). Pitch and axes are estimated from the positions only
-  (:func:`estimate_lattice`).
+  hexagonal: at 60°, towards +y). Pitch and axes are the two shortest lattice vectors, started from
+  the array indices when given (their occupied sublattice, :mod:`napari_diffst.data.lattice`: an
+  offset array with x + y even is a square lattice at 45° with pitch √2 index steps, not a
+  checkerboard), refined on the positions, and checked against the indices (:func:`estimate_lattice`).
 * **raster at the pitch**: a square pixel grid whose axes are the lattice axes, one pixel per
   pitch. Square lattices (legacy ST, Visium HD bins): one pixel per spot, exactly.
   Hexagonal lattices (Visium): rows of the raster follow the spot rows (axis ``a1``), the second
@@ -39,6 +41,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import DataFormatError
+from .lattice import fit_index_lattice
 from .pairs import SRField
 from .sample import Sample, apply_affine
 
@@ -63,6 +66,9 @@ __all__ = [
 SCALE_RANGE = (2, 10)
 #: Fallback H&E sampling (µm per H&E pixel) when neither ``he_um_per_px`` nor ``he_per_hr`` is given.
 DEFAULT_HE_UM_PER_PX = 4.0
+#: Largest H&E raster (values) :func:`make_field` builds in memory (3·4096², 192 MiB as float32); sampling
+#: above it is tiled automatically (:func:`napari_diffst.tiling.plan_sampling`).
+MAX_HE_VALUES = 3 * 4096 * 4096
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,29 +120,20 @@ class Lattice:
         return d[keep].astype(int)
 
 
-def _index_basis(xy: np.ndarray, array_rc: np.ndarray, kind: str):
-    """Initial lattice vectors from array indices: square ``(i, j) = (col, row)``; hexagonal
-    (Visium, ``array_col = 2·k + row parity``) ``(i, j) = ((col − row)/2, row)``. Returns
-    (theta, pitch) of the canonical first axis, or None when the indices do not fit."""
+def _index_basis(xy: np.ndarray, array_rc: np.ndarray, kind: str | None):
+    """Initial lattice from array indices (``array_rc`` = (row, col)): the occupied index sublattice
+    mapped to pixels and reduced to its two shortest vectors (:mod:`napari_diffst.data.lattice`), so
+    a square 1k array, Visium's hexagonal numbering and offset (x + y even) arrays all give their true
+    nearest-neighbour basis. Returns (kind, theta, pitch) of the canonical first axis, or None when
+    the indices do not describe a square/hexagonal lattice (or not the requested ``kind``)."""
     rc = np.asarray(array_rc, float).reshape(-1, 2)
-    row, col = rc[:, 0], rc[:, 1]
-    if kind == "hex":
-        if np.any(np.mod(col - row, 2) != 0):
-            return None
-        ij = np.c_[(col - row) / 2, row]
-    else:
-        ij = np.c_[col, row]
-    D = np.c_[np.ones(len(ij)), ij]
-    if np.linalg.matrix_rank(D) < 3:
+    fit = fit_index_lattice(rc[:, ::-1], xy)
+    if fit is None or fit.kind not in ("square", "hex") or (kind is not None and fit.kind != kind):
         return None
-    coef, *_ = np.linalg.lstsq(D, xy, rcond=None)
-    b1, b2 = coef[1], coef[2]
-    p1, p2 = float(np.hypot(*b1)), float(np.hypot(*b2))
-    if not (p1 > 0 and p2 > 0) or abs(p1 / p2 - 1) > 0.2:
-        return None
-    order = 4 if kind == "square" else 6
+    b1 = fit.basis_px[:, 0]
+    order = 4 if fit.kind == "square" else 6
     theta = float(np.angle(np.exp(1j * order * math.atan2(b1[1], b1[0])))) / order
-    return theta, (p1 + p2) / 2
+    return fit.kind, theta, fit.pitch_px
 
 
 def estimate_lattice(xy: np.ndarray, kind: str | None = None, *, array_rc: np.ndarray | None = None,
@@ -166,14 +163,9 @@ def estimate_lattice(xy: np.ndarray, kind: str | None = None, *, array_rc: np.nd
         raise ValueError(f"lattice kind must be 'square' or 'hex', not {kind!r}")
     init = None
     if array_rc is not None:
-        kinds = [kind] if kind else ["hex", "square"]
-        for kd in kinds:
-            init = _index_basis(xy, array_rc, kd)
-            if init is not None:
-                kind = kd
-                break
+        init = _index_basis(xy, array_rc, kind)
     if init is not None:
-        theta, nn = init
+        kind, theta, nn = init
     else:
         if N < 5:
             raise DataFormatError(path, f"cannot fit a spot lattice to {N} spot positions without array "
@@ -234,8 +226,27 @@ def estimate_lattice(xy: np.ndarray, kind: str | None = None, *, array_rc: np.nd
     if outl.any():
         warnings.warn(f"{int(outl.sum())} spot(s) lie more than 0.35 pitch from the fitted lattice",
                       stacklevel=2)
+    if array_rc is not None:
+        _check_against_indices(ij[~outl], np.asarray(array_rc, float).reshape(-1, 2)[~outl], kind)
     return Lattice(kind, np.asarray(origin, float), np.asarray(a1, float), np.asarray(a2, float), ij,
                    float(np.sqrt(np.mean(res[~outl] ** 2))) if (~outl).any() else float("nan"), outl)
+
+
+def _check_against_indices(ij: np.ndarray, array_rc: np.ndarray, kind: str) -> None:
+    """The lattice indices found on the positions must be one affine function of the array indices
+    for all spots (e.g. i = (col − row)/2 on Visium, (x ± y)/2 on offset arrays); warn when more than
+    1 % of the spots disagree, since the positions (not the indices) then define the grid."""
+    if len(ij) < 3 or not np.isfinite(array_rc).all():
+        return
+    D = np.c_[np.ones(len(array_rc)), array_rc]
+    if np.linalg.matrix_rank(D) < 3:
+        return
+    coef, *_ = np.linalg.lstsq(D, ij.astype(float), rcond=None)
+    pred = D @ coef
+    bad = np.abs(pred - ij).max(axis=1) > 0.25
+    if bad.mean() > 0.01:
+        warnings.warn(f"the array indices of {int(bad.sum())} of {len(ij)} spots disagree with the {kind} lattice "
+                      "fitted to their positions; the grid follows the positions", stacklevel=3)
 
 
 #: Lattice symmetry per technology (others: detected from the positions).
@@ -255,6 +266,10 @@ def lattice_for(sample: Sample, keep: np.ndarray | None = None) -> Lattice:
         rc = np.c_[np.asarray(obs["array_row"], float)[keep], np.asarray(obs["array_col"], float)[keep]]
         if not np.isfinite(rc).all():
             rc = None
+    if rc is not None:  # the indices + positions say what the lattice is (offset legacy arrays are not square
+        fit = fit_index_lattice(rc[:, ::-1], xy)  # index grids); the technology's symmetry is the fallback
+        if fit is not None and fit.kind in ("square", "hex"):
+            kind = fit.kind
     path = sample.provenance.get("path") or (sample.provenance.get("files") or {}).get("spots")
     try:
         return estimate_lattice(xy, kind, array_rc=rc, path=path)
@@ -505,7 +520,7 @@ def make_field(sample: Sample, genes: Sequence[str], scale: int = 2, mode: str =
                he_um_per_px: float | None = None, he_per_hr: int | None = None,
                gene_scale: np.ndarray | None = None, gene_scale_q: float = 99.0,
                lattice: Lattice | None = None, bin_lattice: int = 1, with_he: bool = True,
-               min_occupancy: float = 0.01, max_he_values: int = 3 * 4096 * 4096) -> SRField:
+               min_occupancy: float = 0.01, max_he_values: int = MAX_HE_VALUES) -> SRField:
     """Rasterise one section into an :class:`~napari_diffst.data.pairs.SRField`.
 
     Modes
@@ -661,7 +676,8 @@ def make_field(sample: Sample, genes: Sequence[str], scale: int = 2, mode: str =
     A_he = A_hr @ np.array([[1 / k, 0, 0.5 / k - 0.5], [0, 1 / k, 0.5 / k - 0.5], [0, 0, 1]])
     if with_he and 3 * H * k * W * k > max_he_values:
         raise ValueError(f"the H&E raster would be {H * k}×{W * k} px ({3 * H * k * W * k * 4 / 2**30:.1f} GiB); "
-                         f"use a larger he_um_per_px (now {hr_um / k:.3g} µm) or with_he=False")
+                         f"use a larger he_um_per_px (now {hr_um / k:.3g} µm) or with_he=False (tiled sampling: "
+                         "napari_diffst.tiling.plan_sampling)")
     if with_he and sample.image is not None:
         he = sample_image(sample, A_he, (H * k, W * k))
     else:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .readers import (
+    FORMAT_MODULES,
     FORMATS,
     SPOT_COLUMN_ALIASES,
     VISIUM_SPOT_DIAMETER_FULLRES_UM,
@@ -15,6 +16,7 @@ from .readers import (
 )
 
 __all__ = [
+    "FORMAT_MODULES",
     "FORMATS",
     "SPOT_COLUMN_ALIASES",
     "VISIUM_SPOT_DIAMETER_FULLRES_UM",

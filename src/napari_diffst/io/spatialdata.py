@@ -35,6 +35,19 @@ _EXPECT = ("a SpatialData zarr with an image, spot circles (shapes with a radius
            "them (as spatialdata-io writes Visium)")
 
 
+FORMAT = "spatialdata"
+DESCRIPTION = "SpatialData zarr (image + spot circles + table)"
+
+
+def detect(path) -> bool:
+    """A folder that is a SpatialData zarr (see :func:`is_spatialdata`)."""
+    return Path(os.fspath(path)).is_dir() and is_spatialdata(path)
+
+
+def read(path, **kwargs):
+    return read_spatialdata(path, **kwargs)
+
+
 def is_spatialdata(path) -> bool:
     """True when ``path`` is a folder whose root Zarr attributes carry ``spatialdata_attrs``. Never raises."""
     try:
@@ -94,7 +107,7 @@ def read_spatialdata(path, *, table: str | None = None, image: str | None = None
     import scipy.sparse as sp
 
     from ..data.sample import HistologyImage, Sample, _to_uint8, build_uns_spatial
-    from .readers import _h5ad_values
+    from .h5ad import _h5ad_values
 
     p = Path(os.fspath(path))
     sd = _import(p)
