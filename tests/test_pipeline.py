@@ -130,6 +130,13 @@ def test_cli_train_sample_evaluate(tmp_path, capsys):
     mf = read_maps(out)
     assert mf.genes == cfg["genes"] and "uncertainty" in " ".join(mf.extra) + str(mf.metadata)
     assert mf.um_per_px == pytest.approx(50.0)
+    # outside the tissue the maps are NaN (0 would mean "no expression"), inside finite: as tiled output
+    from napari_diffst._cli_engine import _field_for
+
+    fld, _ = _field_for(P.load_data("synthetic"), cfg["genes"], 4, None, "auto", he_per_hr=1)
+    assert (~fld.hr_mask).any()
+    for a in (mf.maps, mf.extra["uncertainty"]):
+        np.testing.assert_array_equal(np.isnan(a), np.broadcast_to(~fld.hr_mask, a.shape))
     scores = tmp_path / "scores.json"
     rc = cli_main(["evaluate", "--pred", str(out), "--data", "synthetic", "--out", str(scores)])
     assert rc == 0

@@ -407,6 +407,7 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
         assert m.shape == expect.shape
         assert np.allclose(m[:, fld.hr_mask], expect[:, fld.hr_mask], atol=1e-4)
         assert mf.um_per_px == pytest.approx(fld.hr_um)
+        assert np.isnan(m[:, ~fld.hr_mask]).all()  # NaN outside the tissue, as in the CLI and tiled output
     # napari's own File ▸ Save Selected Layers path (the npe2 writer) on the SR + σ layers
     from napari_diffst._writer import write_tiff
 

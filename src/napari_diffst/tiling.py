@@ -387,11 +387,12 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
     writer = None
     mean_acc = std_acc = None
     if out is not None:
+        from .data.grids import index_affine_um
         from .io.writers import OmeZarrWriter
 
         A, um_px = source.hr_affine, float(getattr(source, "um_per_px", 1.0))
-        origin_um = (float(A[1, 2]) * um_px, float(A[0, 2]) * um_px)
-        writer = OmeZarrWriter(out, (G * (2 if with_std else 1), H, W), source.genes, source.hr_um, origin_um,
+        writer = OmeZarrWriter(out, (G * (2 if with_std else 1), H, W), source.genes, None,
+                               affine_um=index_affine_um(A, um_px),
                                extra_channels=["uncertainty"] if with_std else [], ngff_version=ngff_version,
                                chunks=(1, 256, 256),
                                metadata={"source": source.name, "scale": source.scale, "steps": n,

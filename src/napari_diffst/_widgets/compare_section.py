@@ -363,6 +363,7 @@ class CompareSection(Section):
 
     def export_maps(self, path, fmt: str = "ome-zarr", method: str = "Diff-ST") -> Path:
         """Write one method's maps (log1p CP10k; Diff-ST with its uncertainty) in ``fmt``."""
+        from ..data.grids import field_napari_affine
         from ..io import writers as W
 
         fld = self.field
@@ -370,12 +371,13 @@ class CompareSection(Section):
             raise ValueError(f"no maps for {method!r}")
         gs = np.asarray(fld.gene_scale, np.float32)[:, None, None]
         mask = np.asarray(fld.hr_mask, bool)
-        maps = np.where(mask[None], self.preds[method] * gs, 0).astype(np.float32)
+        # NaN outside the tissue, as everywhere (0 means "no expression")
+        maps = np.where(mask[None], self.preds[method] * gs, np.nan).astype(np.float32)
         extra = {}
         if method == "Diff-ST" and self.result is not None:
-            extra["uncertainty"] = np.where(mask[None], self.result.std * gs, 0).astype(np.float32)
+            extra["uncertainty"] = np.where(mask[None], self.result.std * gs, np.nan).astype(np.float32)
         A = np.asarray(fld.extra.get("hr_affine", np.eye(3)), float)
-        origin = (float(A[1, 2] * fld.um_per_px), float(A[0, 2] * fld.um_per_px))
+        place = {"affine_um": field_napari_affine(fld, "hr")}
         md = {"napari_diffst": {"method": method, "section": fld.name, "scale": fld.scale, "hr_um": fld.hr_um,
                                 "units": "log1p(CP10k)", "hr_affine_px": A.tolist(),
                                 "um_per_px_fullres": fld.um_per_px,
@@ -383,12 +385,11 @@ class CompareSection(Section):
         if self.result is not None and method == "Diff-ST":
             md["napari_diffst"].update(steps=self.result.steps, n_samples=self.result.n_samples)
         if fmt == "ome-zarr":
-            out = W.write_ome_zarr(path, maps, list(fld.genes), fld.hr_um, origin, extra_channels=extra, metadata=md)
+            out = W.write_ome_zarr(path, maps, list(fld.genes), extra_channels=extra, metadata=md, **place)
         elif fmt == "tiff":
-            out = W.write_tiff(path, maps, list(fld.genes), fld.hr_um, origin, extra_channels=extra, metadata=md)
+            out = W.write_tiff(path, maps, list(fld.genes), extra_channels=extra, metadata=md, **place)
         elif fmt == "h5ad":
-            out = W.write_h5ad(path, maps, list(fld.genes), fld.hr_um, mask, origin, extra_channels=extra,
-                               metadata=md)
+            out = W.write_h5ad(path, maps, list(fld.genes), mask=mask, extra_channels=extra, metadata=md, **place)
         else:
             raise ValueError(f"unknown format {fmt!r}")
         return Path(out)

@@ -23,6 +23,7 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QLineEdit, QPushButton, QSpi
 from . import settings
 from ._common import (ImageView, Section, StatusText, notify_error, notify_warning, progress_bar,
                       row as _row, save_later)
+from ..layers import OVERLAY_OPACITY, overlay_colormap
 from .workers import GENE_COLORMAPS, Job, JobRunner, colormap_lut, raster_layer_kwargs, sample_job
 
 TARGETS = (("auto", "auto (truth if known, else native)"), ("native", "native: spots → pitch / s"),
@@ -288,13 +289,15 @@ class SampleSection(Section):
             md = {"diffst_role": "sr", "gene": g, "genes": [g], "mask": fld.hr_mask, "units": "log1p(CP10k)",
                   "hr_um": fld.hr_um, "checkpoint": ck, "mode": self.mode, "steps": res.steps,
                   "n_samples": res.n_samples}
-            self.queue.put(self._adder(mean[i], dict(name=f"{g} · Diff-ST", colormap=cmap, contrast_limits=cl,
-                                                    blending=blend, opacity=0.75, visible=(i == 0), metadata=md,
+            self.queue.put(self._adder(mean[i], dict(name=f"{g} · Diff-ST", colormap=overlay_colormap(cmap),
+                                                    contrast_limits=cl, blending=blend, opacity=OVERLAY_OPACITY,
+                                                    visible=(i == 0), metadata=md,
                                                     units=("um", "um"), **place)))
             mdu = dict(md, diffst_role="sr_uncertainty")
-            self.queue.put(self._adder(std[i], dict(name=f"{g} · Diff-ST σ", colormap=cmap,
+            self.queue.put(self._adder(std[i], dict(name=f"{g} · Diff-ST σ", colormap=overlay_colormap(cmap),
                                                     contrast_limits=tuple(data["std_clims"][i]), blending=blend,
-                                                    opacity=0.75, visible=False, metadata=mdu, units=("um", "um"),
+                                                    opacity=OVERLAY_OPACITY, visible=False, metadata=mdu,
+                                                    units=("um", "um"),
                                                     **place)))
 
         def finish():

@@ -56,6 +56,7 @@ __all__ = [
     "sample_image",
     "make_field",
     "field_napari_affine",
+    "index_affine_um",
     "SCALE_RANGE",
 ]
 
@@ -755,8 +756,13 @@ def field_napari_affine(fld: SRField, which: str = "hr") -> np.ndarray:
     """napari (row, col) affine in µm for a raster of ``fld`` (``'hr'``, ``'lr'`` or ``'he'``), to be
     used with ``scale=(1, 1)``: world µm = affine @ (row, col, 1)."""
     key = {"hr": "hr_affine", "lr": "lr_affine", "he": "he_affine"}[which]
-    A = np.asarray(fld.extra[key], float)
+    return index_affine_um(fld.extra[key], fld.um_per_px)
+
+
+def index_affine_um(A_px: np.ndarray, um_per_px: float) -> np.ndarray:
+    """A raster's (col, row, 1) → full-res (x, y, 1) px affine as a napari (row, col, 1) → (y, x, 1) µm
+    affine (what the writers store: :class:`napari_diffst.io.writers.Placement`)."""
     P = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], float)
-    B = P @ A @ P
-    B[:2, :] *= fld.um_per_px
+    B = P @ np.asarray(A_px, float) @ P
+    B[:2, :] *= float(um_per_px)
     return B
