@@ -132,11 +132,14 @@ def test_cli_train_sample_evaluate(tmp_path, capsys):
     assert mf.um_per_px == pytest.approx(50.0)
     # outside the tissue the maps are NaN (0 would mean "no expression"), inside finite: as tiled output
     from napari_diffst._cli_engine import _field_for
+    from napari_diffst.data.grids import display_mask
 
-    fld, _ = _field_for(P.load_data("synthetic"), cfg["genes"], 4, None, "auto", he_per_hr=1)
-    assert (~fld.hr_mask).any()
+    smp = P.load_data("synthetic")
+    fld, _ = _field_for(smp, cfg["genes"], 4, None, "auto", he_per_hr=1)
+    shown = display_mask(smp, fld)
+    assert (~shown).any() and shown.any()
     for a in (mf.maps, mf.extra["uncertainty"]):
-        np.testing.assert_array_equal(np.isnan(a), np.broadcast_to(~fld.hr_mask, a.shape))
+        np.testing.assert_array_equal(np.isnan(a), np.broadcast_to(~shown, a.shape))
     scores = tmp_path / "scores.json"
     rc = cli_main(["evaluate", "--pred", str(out), "--data", "synthetic", "--out", str(scores)])
     assert rc == 0

@@ -133,11 +133,11 @@ def cmd_sample(args) -> int:
     res = _drain(P.super_resolve_iter(model, field, steps=args.steps, n_samples=args.n_samples, seed=args.seed,
                                       sampler=args.sampler), _bar(args.steps * args.n_samples, "sample"))
     secs = time.time() - t0
-    from .data.grids import field_napari_affine
+    from .data.grids import display_mask, field_napari_affine
 
     A = np.asarray(field.extra.get("hr_affine", np.eye(3)), float)
     gs = np.asarray(gene_scale, np.float32)[:, None, None]
-    outside = ~np.asarray(field.hr_mask, bool)[None]  # NaN outside the tissue (0 means "no expression")
+    outside = ~display_mask(sample, field)[None]  # NaN outside the tissue (0 means "no expression")
     md = {"napari_diffst": {"checkpoint": str(args.checkpoint), "data": str(args.data), "mode": mode,
                             "scale": scale, "steps": args.steps, "n_samples": args.n_samples, "seed": args.seed,
                             "hr_um": field.hr_um, "units": "log1p(CP10k)", "hr_affine_px": A.tolist(),

@@ -370,7 +370,10 @@ class CompareSection(Section):
         if method not in self.preds:
             raise ValueError(f"no maps for {method!r}")
         gs = np.asarray(fld.gene_scale, np.float32)[:, None, None]
-        mask = np.asarray(fld.hr_mask, bool)
+        from ..data.grids import display_mask
+
+        smp = self.state.sample
+        mask = display_mask(smp, fld) if smp is not None and smp.name == fld.name else np.asarray(fld.hr_mask, bool)
         # NaN outside the tissue, as everywhere (0 means "no expression")
         maps = np.where(mask[None], self.preds[method] * gs, np.nan).astype(np.float32)
         extra = {}

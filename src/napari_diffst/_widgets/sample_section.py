@@ -286,7 +286,8 @@ class SampleSection(Section):
         for i, g in enumerate(genes):
             cl = tuple(data["clims"][i])
             cmap = gene_colormap(genes, g)
-            md = {"diffst_role": "sr", "gene": g, "genes": [g], "mask": fld.hr_mask, "units": "log1p(CP10k)",
+            md = {"diffst_role": "sr", "gene": g, "genes": [g], "mask": data.get("mask", fld.hr_mask),
+                  "units": "log1p(CP10k)",
                   "hr_um": fld.hr_um, "checkpoint": ck, "mode": self.mode, "steps": res.steps,
                   "n_samples": res.n_samples}
             self.queue.put(self._adder(mean[i], dict(name=f"{g} · Diff-ST", colormap=overlay_colormap(cmap),
