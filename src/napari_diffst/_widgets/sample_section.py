@@ -12,6 +12,7 @@ event-loop turn so the viewer stays responsive; earlier results are never replac
 repeated names)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,10 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QLineEdit, QPushButton, QSpi
 
 from . import settings
 from ._common import (ImageView, Section, StatusText, notify_error, notify_warning, progress_bar,
-                      row as _row, save_later)
+                      row as _row, save_later, set_bar)
 from ..layers import OVERLAY_OPACITY, overlay_colormap
-from .workers import GENE_COLORMAPS, Job, JobRunner, colormap_lut, raster_layer_kwargs, sample_job
+from .workers import (GENE_COLORMAPS, Job, JobRunner, colormap_lut, format_eta, raster_layer_kwargs,
+                      sample_job)
 
 TARGETS = (("auto", "auto (truth if known, else native)"), ("native", "native: spots → pitch / s"),
            ("degrade", "benchmark: s×s blocks → spots (truth = spots)"))
@@ -133,6 +135,7 @@ class SampleSection(Section):
         self._status_text = None       # text for the status label at the next UI tick
         self.result_layers: list = []
         self.queue = LayerQueue(viewer, self)
+        self._t0, self._done0, self._outcome = None, 0, None  # ETA clock; how the last run ended
 
         self.ckpt_btn.clicked.connect(self._choose_ckpt)
         self.ckpt_edit.textChanged.connect(lambda *_: self._update_enabled())
@@ -183,6 +186,7 @@ class SampleSection(Section):
         self._show_preview = False
         self.n_previews = 0
         self._pending_preview = self._status_text = None
+        self._t0, self._done0, self._outcome = None, 0, None
         self.status.setText("Loading the checkpoint…")
         self.preview.clear()  # (shown when the checkpoint is loaded: the dock's relayout is not in the click)
         self.preview.setText("x̂₀ preview of the first gene appears here")
@@ -232,18 +236,28 @@ class SampleSection(Section):
                                  f"{self.info['scale']}× on {d['device']} — {self.mode}, HR {fld.hr_um:.3g} µm, "
                                  f"grid {fld.hr_shape[0]}×{fld.hr_shape[1]}{warn}")
         elif kind == "progress":
+            now = time.perf_counter()
+            if self._t0 is None:  # the first step's time includes start-up: the ETA counts from it
+                self._t0, self._done0 = now, d["done"]
+            eta = None
+            if d["done"] > self._done0:
+                eta = (now - self._t0) / (d["done"] - self._done0) * (d["total"] - d["done"])
             self.runner.set_progress(d["done"], total=d["total"],
-                                     desc=f"napari-diffst: sample {d['sample'] + 1}, step {d['done']}/{d['total']}")
+                                     desc=f"napari-diffst: sample {d['sample'] + 1}, step {d['done']}/{d['total']}"
+                                          f" · ETA {format_eta(eta)}")
             if "preview" in d:
                 self._pending_preview = (d["preview"], f"(sample {d['sample'] + 1}, step {d['done']}/{d['total']})")
         elif kind == "result":
+            self._outcome = "done"
             self._show_result(d["result"], d if "maps" in d else None)
         elif kind == "cancelled":
+            self._outcome = "cancelled"
             self._status_text = d["message"] + "; no layers were added."
             self._pending_preview = None
             notify_warning(d["message"])
             self._remove_preview()
         elif kind == "error":
+            self._outcome = "failed"
             notify_error(d["message"])
             self._status_text = d["message"]
             self._pending_preview = None
@@ -321,6 +335,9 @@ class SampleSection(Section):
         return add
 
     def _on_done(self):
+        if self._outcome != "done":  # never leave "super-resolving" / a step count in the bar after a stop
+            set_bar(self.progress, 0, 1, {"cancelled": "cancelled", "failed": "failed — see the message above"}
+                    .get(self._outcome, "stopped"))
         self.state.set_busy(False)
         self._update_enabled()
         self.queue.release()  # add the result layers now that the worker has finished
