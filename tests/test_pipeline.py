@@ -209,3 +209,16 @@ def test_real_network_loss_falls_on_the_synthetic_sample(small):
         pass
     after = held_out_loss()
     assert after < 0.8 * before, (before, after)
+
+
+def test_budget_defaults_are_the_same_in_cli_and_dock(small):
+    """``train --budget tiny`` and the dock's 'tiny' budget run the same number of steps with the same batch
+    (issue 17: the CLI ran 300 steps, the dock 20)."""
+    from napari_diffst._cli_engine import add_commands  # noqa: F401  (the CLI builds its trainer here)
+    from napari_diffst._widgets.train_section import budget_default
+
+    _, _, fields, _ = small
+    for budget, steps in (("tiny", 20), ("quick", 300)):
+        cfg = P.make_trainer(fields, budget=budget).config
+        assert cfg.steps == budget_default(budget, "steps") == steps
+        assert cfg.batch_size == budget_default(budget, "batch_size")
