@@ -1,0 +1,55 @@
+"""What the dock says (issue 17): Open folder on an empty or foreign folder explains what was expected; Sample
+shows an ETA and clears its bar after a failure."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from test_widget import _synthetic_ready, errors, open_dock, wait_idle  # noqa: F401  (fixtures)
+
+
+@pytest.mark.parametrize("what", ["empty", "foreign"])
+def test_open_folder_explains_what_it_expected(shown_viewer, qtbot, tmp_path, isolated_settings, errors, what):
+    d = tmp_path / what
+    d.mkdir()
+    if what == "foreign":
+        (d / "notes.txt").write_text("not a dataset")
+        (d / "table.csv").write_text("a,b\n1,2\n")
+    w = open_dock(shown_viewer)
+    n = len(shown_viewer.layers)
+    w.sections["data"]._open_paths([str(d)])
+    assert errors, "no notification"
+    msg = errors[-1]
+    assert str(d) in msg and "not a recognised spatial-transcriptomics dataset" in msg
+    assert "Space Ranger outs folder" in msg and "refused" not in msg
+    assert len(shown_viewer.layers) == n
+
+
+def test_sample_eta_and_bar_after_failure(shown_viewer, qtbot, tmp_path, isolated_settings, errors):
+    from napari_diffst.cli import main as cli_main
+
+    ck = tmp_path / "ck"
+    assert cli_main(["train", "--data", "synthetic", "--scale", "5", "--n-genes", "2", "--budget", "tiny",
+                     "--steps", "2", "--batch-size", "2", "--lr-size", "2", "--out", str(ck)]) == 0
+    w = _synthetic_ready(shown_viewer, qtbot)
+    sm = w.sections["sample"]
+    sm.ckpt_edit.setText(str(ck))
+    sm.steps_spin.setValue(4)
+    sm.n_spin.setValue(2)
+    sm.run_btn.click()
+    wait_idle(qtbot, sm)
+    assert sm.result is not None
+    # the bar's text during the run ends like this (the last step's): step count and an ETA, as Train has
+    assert "step 8/8" in sm.progress.format() and "ETA 0:00" in sm.progress.format(), sm.progress.format()
+    # a failing run: the bar says so instead of keeping the last run's step count / "super-resolving"
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.pt").write_bytes(b"not a checkpoint")
+    sm.ckpt_edit.setText(str(bad))
+    sm.run_btn.click()
+    wait_idle(qtbot, sm)
+    assert "truncated or not a napari-diffst checkpoint" in errors[-1] and "model.pt" in errors[-1]
+    fmt = sm.progress.format()
+    assert fmt.startswith("failed") and "super-resolving" not in fmt and "ETA" not in fmt
+    assert sm.progress.value() == 0
