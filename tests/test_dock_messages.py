@@ -53,3 +53,50 @@ def test_sample_eta_and_bar_after_failure(shown_viewer, qtbot, tmp_path, isolate
     fmt = sm.progress.format()
     assert fmt.startswith("failed") and "super-resolving" not in fmt and "ETA" not in fmt
     assert sm.progress.value() == 0
+
+
+def _drop(w, paths, modifiers=None) -> bool:
+    """Deliver a drop of ``paths`` to the dock's event filter on napari's QtViewer, as Qt does for a real drop
+    (Qt routes synthetic Drop events only to an active drag's target, so the filter is called directly)."""
+    from qtpy.QtCore import QMimeData, QPointF, Qt, QUrl
+    from qtpy.QtGui import QDropEvent
+
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths])
+    ev = QDropEvent(QPointF(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                    modifiers if modifiers is not None else Qt.KeyboardModifier.NoModifier)
+    return w.eventFilter(w._qt_viewer, ev)
+
+
+def test_dropping_a_section_folder_opens_it_with_napari_diffst(shown_viewer, qtbot, her2st_dir, isolated_settings,
+                                                             errors, monkeypatch):
+    """A legacy-ST folder dropped on the canvas (dock open) opens with napari-diffst: no 'Choose reader' dialog
+    (napari preselected its builtins there, which fail on a section folder)."""
+    import napari._qt.qt_viewer as QV
+
+    asked = []
+    monkeypatch.setattr(QV, "handle_gui_reading", lambda *a, **k: asked.append(a))
+    w = open_dock(shown_viewer)
+    n = len(shown_viewer.layers)
+    assert w._qt_viewer is shown_viewer.window._qt_viewer  # the filter sits on napari's QtViewer itself
+    assert _drop(w, [her2st_dir / "C2"]) is True  # handled: napari's dropEvent (and its dialog) never runs
+    qtbot.waitUntil(lambda: w.state.sample is not None, timeout=30_000)
+    assert not asked and not errors
+    roles = [ly.metadata.get("diffst_role") for ly in list(shown_viewer.layers)[n:]]
+    assert roles == ["histology", "spots"]
+    # what napari-diffst cannot read, and Alt-drops (choose the reader), are left to napari
+    from qtpy.QtCore import Qt
+
+    assert _drop(w, [her2st_dir]) is False  # a folder of sections, not one section
+    assert _drop(w, [her2st_dir.parent / "__not_there__"]) is False
+    assert _drop(w, [her2st_dir / "C3"], Qt.KeyboardModifier.AltModifier) is False
+
+
+def test_reader_patterns_claim_only_what_it_reads():
+    import yaml
+
+    from napari_diffst import _reader
+
+    man = yaml.safe_load((Path(_reader.__file__).parent / "napari.yaml").read_text())
+    pats = man["contributions"]["readers"][0]["filename_patterns"]
+    assert "*" not in pats and all(p.startswith("*.") for p in pats)
