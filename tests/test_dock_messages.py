@@ -100,3 +100,24 @@ def test_reader_patterns_claim_only_what_it_reads():
     man = yaml.safe_load((Path(_reader.__file__).parent / "napari.yaml").read_text())
     pats = man["contributions"]["readers"][0]["filename_patterns"]
     assert "*" not in pats and all(p.startswith("*.") for p in pats)
+
+
+def test_combo_boxes_show_their_whole_text(shown_viewer, qtbot, isolated_settings):
+    """No combo box in the dock cuts its current text (issue 17: 'auto (truth if known, else nativ')."""
+    from qtpy.QtWidgets import QComboBox, QStyle, QStyleOptionComboBox
+
+    w = open_dock(shown_viewer)
+    qtbot.wait(200)
+    sm = w.sections["sample"]
+    checked = 0
+    for combo in [sm.target_combo, sm.blend_combo]:
+        for i in range(combo.count()):
+            combo.setCurrentIndex(i)
+            opt = QStyleOptionComboBox()
+            combo.initStyleOption(opt)
+            field = combo.style().subControlRect(QStyle.ComplexControl.CC_ComboBox, opt,
+                                                 QStyle.SubControl.SC_ComboBoxEditField, combo)
+            need = combo.fontMetrics().horizontalAdvance(combo.currentText())
+            assert need <= field.width(), (combo.currentText(), need, field.width())
+            checked += 1
+    assert checked >= 5 and isinstance(sm.target_combo, QComboBox)

@@ -28,8 +28,11 @@ from ..layers import OVERLAY_OPACITY, overlay_colormap
 from .workers import (GENE_COLORMAPS, Job, JobRunner, colormap_lut, format_eta, raster_layer_kwargs,
                       sample_job)
 
-TARGETS = (("auto", "auto (truth if known, else native)"), ("native", "native: spots → pitch / s"),
-           ("degrade", "benchmark: s×s blocks → spots (truth = spots)"))
+#: (key, short text shown in the box, the full explanation as its tooltip): short texts fit the dock's width
+TARGETS = (("auto", "auto", "auto: against the HR truth where it is known (synthetic), else native"),
+           ("native", "native (pitch / s)", "native: the observed spots are the input; output pixels are pitch / s"),
+           ("degrade", "benchmark (s×s blocks)",
+            "benchmark: s×s blocks of spots are the input, the spots themselves the truth (scores real data)"))
 #: the live preview's size in the dock (px, longest side); larger maps are downsampled in the worker
 PREVIEW_PX = 200
 
@@ -109,8 +112,10 @@ class SampleSection(Section):
         self.add_row("Steps / samples", _row(self.steps_spin, self.n_spin, stretch=None))
         self.add_row("Seed", self.seed_spin)
         self.target_combo = self.add_row("Target", QComboBox())
-        for k, t in TARGETS:
+        for i, (k, t, tip) in enumerate(TARGETS):
             self.target_combo.addItem(t, k)
+            self.target_combo.setItemData(i, tip, Qt.ItemDataRole.ToolTipRole)
+        self.target_combo.setToolTip("\n".join(tip for *_, tip in TARGETS))
         self.blend_combo = self.add_row("Blending", QComboBox())
         self.blend_combo.addItems(["translucent", "additive"])
         self.run_btn = QPushButton("Super-resolve")
