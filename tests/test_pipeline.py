@@ -130,6 +130,16 @@ def test_cli_train_sample_evaluate(tmp_path, capsys):
     mf = read_maps(out)
     assert mf.genes == cfg["genes"] and "uncertainty" in " ".join(mf.extra) + str(mf.metadata)
     assert mf.um_per_px == pytest.approx(50.0)
+    # outside the tissue the maps are NaN (0 would mean "no expression"), inside finite: as tiled output
+    from napari_diffst._cli_engine import _field_for
+    from napari_diffst.data.grids import display_mask
+
+    smp = P.load_data("synthetic")
+    fld, _ = _field_for(smp, cfg["genes"], 4, None, "auto", he_per_hr=1)
+    shown = display_mask(smp, fld)
+    assert (~shown).any() and shown.any()
+    for a in (mf.maps, mf.extra["uncertainty"]):
+        np.testing.assert_array_equal(np.isnan(a), np.broadcast_to(~shown, a.shape))
     scores = tmp_path / "scores.json"
     rc = cli_main(["evaluate", "--pred", str(out), "--data", "synthetic", "--out", str(scores)])
     assert rc == 0
@@ -199,3 +209,16 @@ def test_real_network_loss_falls_on_the_synthetic_sample(small):
         pass
     after = held_out_loss()
     assert after < 0.8 * before, (before, after)
+
+
+def test_budget_defaults_are_the_same_in_cli_and_dock(small):
+    """``train --budget tiny`` and the dock's 'tiny' budget run the same number of steps with the same batch
+    (issue 17: the CLI ran 300 steps, the dock 20)."""
+    from napari_diffst._cli_engine import add_commands  # noqa: F401  (the CLI builds its trainer here)
+    from napari_diffst._widgets.train_section import budget_default
+
+    _, _, fields, _ = small
+    for budget, steps in (("tiny", 20), ("quick", 300)):
+        cfg = P.make_trainer(fields, budget=budget).config
+        assert cfg.steps == budget_default(budget, "steps") == steps
+        assert cfg.batch_size == budget_default(budget, "batch_size")

@@ -175,6 +175,15 @@ def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     (tmp_path / "bad" / "model.pt").write_bytes(b"garbage")
     with pytest.raises(DataFormatError, match="cannot read checkpoint"):
         load_checkpoint(tmp_path / "bad", builder=StandIn)
+    # a truncated checkpoint: the message names the file and says what is wrong in whole sentences
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "model.pt").write_bytes(before[: len(before) // 2])
+    with pytest.raises(DataFormatError) as ei:
+        load_checkpoint(tmp_path / "cut", builder=StandIn)
+    msg = str(ei.value)
+    assert str(tmp_path / "cut" / "model.pt") in msg
+    assert "truncated or not a napari-diffst checkpoint" in msg
+    assert msg.endswith(")") and "PytorchStreamReader" not in msg  # no torch text cut mid-sentence
     with pytest.raises(DataFormatError, match="not found"):
         read_checkpoint(tmp_path / "nothing")
 

@@ -342,10 +342,13 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
     for ly in sr:
         a = np.asarray(ly.data)
         assert a.shape == fld.hr_shape
-        assert np.isnan(a[~fld.hr_mask]).all() and np.isfinite(a[fld.hr_mask]).all()
+        shown = ly.metadata["mask"]  # the tissue near the spots (data.grids.display_mask)
+        assert np.isnan(a[~shown]).all() and np.isfinite(a[shown]).all()
+        assert (shown & fld.hr_mask).sum() >= 0.5 * fld.hr_mask.sum()
         lo, hi = ly.contrast_limits
         assert lo == 0.0 and 0 < hi <= np.nanmax(a) + 1e-6
-        assert ly.blending == "translucent" and ly.colormap.name in ("inferno", "viridis", "magma")
+        assert ly.blending == "translucent" and ly.colormap.name in ("inferno fade", "viridis fade", "magma fade")
+        assert ly.colormap.colors[0, 3] == 0.0 and ly.colormap.colors[-1, 3] == 1.0  # low values see-through
     assert len({ly.colormap.name for ly in sr}) == 3
     # SR raster in µm over the H&E: inside the image, covering the spots
     he = next(ly for ly in viewer.layers if ly.metadata.get("diffst_role") == "histology")
@@ -406,8 +409,10 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
         m = np.asarray(mf.maps)
         expect = sm.result.mean * fld.gene_scale[:, None, None]
         assert m.shape == expect.shape
-        assert np.allclose(m[:, fld.hr_mask], expect[:, fld.hr_mask], atol=1e-4)
+        shown = sr[0].metadata["mask"]
+        assert np.allclose(m[:, shown], expect[:, shown], atol=1e-4)
         assert mf.um_per_px == pytest.approx(fld.hr_um)
+        assert np.isnan(m[:, ~shown]).all()  # NaN outside the tissue, as in the CLI and tiled output
     import anndata as ad
 
     sr_ad = ad.read_h5ad(tmp_path / "maps.h5ad")      # the h5ad is in the section's frame (full-res px)

@@ -308,7 +308,7 @@ def test_hooks_reject_unusable_selections(tmp_path, maps):
         _writer.write_tiff(str(tmp_path / "x.tif"), [rgb])
     a = (maps[0], {"name": "A", "scale": (2.0, 2.0)}, "image")
     b = (maps[1], {"name": "B", "scale": (3.0, 3.0)}, "image")
-    with pytest.raises(DataFormatError, match="square pixel size"):
+    with pytest.raises(DataFormatError, match="pixel sizes / orientations differ"):
         _writer.write_ome_zarr(str(tmp_path / "x.zarr"), [a, b])
     c = (maps[1][:10], {"name": "C", "scale": (2.0, 2.0)}, "image")
     with pytest.raises(DataFormatError, match="different shapes"):

@@ -155,16 +155,20 @@ def cmd_sample(args) -> int:
     res = _drain(P.super_resolve_iter(model, field, steps=args.steps, n_samples=args.n_samples, seed=args.seed,
                                       sampler=args.sampler), _bar(args.steps * args.n_samples, "sample"))
     secs = time.time() - t0
+    from .data.grids import display_mask, field_napari_affine
+
     A = np.asarray(field.extra.get("hr_affine", np.eye(3)), float)
-    origin_um = (float(A[1, 2] * field.um_per_px), float(A[0, 2] * field.um_per_px))
     gs = np.asarray(gene_scale, np.float32)[:, None, None]
+    outside = ~display_mask(sample, field)[None]  # NaN outside the tissue (0 means "no expression")
     md = {"napari_diffst": {"checkpoint": str(args.checkpoint), "data": str(args.data), "mode": mode,
                             "scale": scale, "steps": args.steps, "n_samples": args.n_samples, "seed": args.seed,
                             "hr_um": field.hr_um, "units": "log1p(CP10k)", "hr_affine_px": A.tolist(),
                             "um_per_px_fullres": field.um_per_px, "seconds": secs,
                             "gene_scale": [float(x) for x in gene_scale]}}
-    write_maps(args.out, res.mean * gs, genes, field.hr_um, origin_um, fmt=fmt, mask=np.asarray(field.hr_mask, bool),
-               extra_channels={"uncertainty": res.std * gs}, metadata=md, frame=SectionFrame.from_field(field, sample))
+    shown = ~outside[0]
+    write_maps(args.out, np.where(outside, np.nan, res.mean * gs), genes, field.hr_um, fmt=fmt, mask=shown,
+               extra_channels={"uncertainty": np.where(outside, np.nan, res.std * gs)}, metadata=md,
+               frame=SectionFrame.from_field(field, sample), affine_um=field_napari_affine(field, "hr"))
     print(f"wrote {args.out} as {fmt} ({len(genes)} genes + uncertainty, {field.hr_shape[0]}×{field.hr_shape[1]} px at "
           f"{field.hr_um:.4g} µm) in {secs:.1f} s")
     return 0

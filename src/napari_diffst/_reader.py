@@ -18,15 +18,16 @@ def _as_list(path) -> list[str]:
 
 
 def get_reader(path):
-    """Return :func:`read_paths` if every path is a format :func:`~napari_diffst.io.detect_format`
-    recognises, else ``None``."""
+    """Return :func:`read_paths` if every path is an OME-Zarr image (gene maps written by napari-diffst or
+    any NGFF image) or a format :func:`~napari_diffst.io.detect_format` recognises, else ``None``."""
     try:
         from .io.readers import detect_format
+        from .io.writers import is_ome_zarr
 
         paths = _as_list(path)
         if not paths:
             return None
-        if all(detect_format(p) is not None for p in paths):
+        if all(is_ome_zarr(p) or detect_format(p) is not None for p in paths):
             return read_paths
     except Exception:
         return None
@@ -34,13 +35,15 @@ def get_reader(path):
 
 
 def read_paths(path, **kwargs) -> list[tuple]:
-    """Read each path into a Sample and convert it to layer data (image + spots, in µm).
+    """Read each path into layer data in µm: a section → H&E image + spots; an OME-Zarr of gene maps → one
+    layer per gene and per uncertainty channel (:func:`napari_diffst.layers.maps_layer_data`).
 
     Extra keyword arguments from napari/npe2 (``stack``) are accepted and ignored."""
     from .io.readers import read
-    from .layers import sample_to_layer_data
+    from .io.writers import is_ome_zarr
+    from .layers import maps_layer_data, sample_to_layer_data
 
     out: list[tuple] = []
     for p in _as_list(path):
-        out.extend(sample_to_layer_data(read(p)))
+        out.extend(maps_layer_data(p) if is_ome_zarr(p) else sample_to_layer_data(read(p)))
     return out

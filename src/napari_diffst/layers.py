@@ -11,7 +11,17 @@ import pandas as pd
 from .data.sample import Sample, xy_affine_to_napari
 
 __all__ = ["sample_to_layer_data", "spot_features", "histology_layer_data", "spots_layer_data",
-           "default_display_gene"]
+           "default_display_gene", "overlay_colormap", "maps_layer_data", "GENE_COLORMAPS",
+           "OVERLAY_BLENDING", "OVERLAY_OPACITY"]
+
+#: colormaps given to genes in turn (the same gene keeps its colormap in the Sample and Compare views and
+#: when a written file is opened again); shown as :func:`overlay_colormap` (low values transparent)
+GENE_COLORMAPS = ("inferno", "viridis", "magma", "plasma", "cividis", "turbo", "twilight_shifted", "gray")
+#: how gene maps are drawn over the H&E
+OVERLAY_BLENDING = "translucent"
+OVERLAY_OPACITY = 0.85
+#: fraction of the contrast range over which a map fades in from transparent (its alpha ramp)
+OVERLAY_FADE = 0.5
 
 #: At most this many genes are carried in a Points layer's ``features`` (plus any asked for).
 MAX_FEATURE_GENES = 64
@@ -106,3 +116,64 @@ def sample_to_layer_data(sample: Sample, gene: str | None = None) -> list[tuple]
     if sample.n_spots:
         out.append(spots_layer_data(sample, gene))
     return out
+
+
+def overlay_colormap(name: str = "inferno", fade: float = OVERLAY_FADE):
+    """napari Colormap ``<name> fade``: ``name``'s colours with an alpha ramp — 0 at the bottom of the contrast
+    range, rising linearly to 1 at ``fade`` of it — so low expression shows the H&E through instead of an
+    opaque dark layer (NaN outside the tissue is transparent as always). Imports napari when called."""
+    from napari.utils.colormaps import Colormap, ensure_colormap
+
+    base = ensure_colormap(name)
+    t = np.linspace(0.0, 1.0, 64)
+    rgba = np.asarray(base.map(t), np.float32).copy()
+    rgba[:, 3] = np.clip(t / max(float(fade), 1e-6), 0.0, 1.0)
+    return Colormap(colors=rgba, controls=t, name=f"{base.name} fade", interpolation="linear")
+
+
+def maps_layer_data(path) -> list[tuple]:
+    """Image layers for gene maps written by napari-diffst (or any OME-NGFF image in µm): one layer per gene
+    (``<gene> · <method>``, visible for the first) and one per extra channel group (uncertainty:
+    ``<gene> · <method> σ``, hidden), lazy multiscale, placed in µm by the file's affine (per-axis pixel size,
+    rotation) over the H&E, each with its gene's fading colormap and contrast limits (0, p99.5)."""
+    from .io.writers import META_KEY, open_ome_zarr_levels
+
+    mf, levels = open_ome_zarr_levels(path)
+    meta = dict(mf.metadata or {})
+    own = dict(meta.get(META_KEY) or {}) if meta.get("genes") else {}
+    method = str(own.get("method") or "Diff-ST")
+    units = own.get("units") or ("log1p(CP10k)" if own else None)
+    G = len(mf.genes)
+    A = np.asarray(mf.affine_um, float)
+    out = []
+    groups = [(None, 0)] + [(k, i + 1) for i, k in enumerate(mf.extra)]
+    for kind, gi in groups:
+        for j, g in enumerate(mf.genes):
+            ch = gi * G + j
+            data = [lv[ch] for lv in levels]
+            small = np.asarray(data[-1], np.float32)
+            md = {"diffst_role": "sr" if kind is None else f"sr_{kind}", "gene": str(g), "genes": [str(g)],
+                  "source": str(path), "units": units}
+            if kind is not None:
+                md["diffst_extra"] = kind
+            name = f"{g} · {method}" if own else str(g)  # a foreign image: its channel labels
+            if kind is not None:
+                name += f" {'σ' if kind == 'uncertainty' else kind}"
+            out.append((data if len(data) > 1 else data[0],
+                        {"name": name, "multiscale": len(data) > 1, "affine": A, "units": ("um", "um"),
+                         "colormap": overlay_colormap(GENE_COLORMAPS[j % len(GENE_COLORMAPS)]),
+                         "contrast_limits": _clims(small), "blending": OVERLAY_BLENDING,
+                         "opacity": OVERLAY_OPACITY, "visible": kind is None and j == 0, "metadata": md},
+                        "image"))
+    return out
+
+
+def _clims(a: np.ndarray, q: float = 99.5) -> tuple[float, float]:
+    """(min(0, lowest), q-th percentile) of the finite values."""
+    v = np.asarray(a, float)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return (0.0, 1.0)
+    lo = min(0.0, float(v.min()))
+    hi = float(np.percentile(v, q))
+    return (lo, hi if hi > lo + 1e-6 else max(float(v.max()), lo + 1e-6))

@@ -170,7 +170,9 @@ def make_trainer(fields: Sequence[SRField], *, budget: str = "quick", steps: int
             model = fresh.model
         return Trainer.from_checkpoint(resume, fields=fields, out_dir=out_dir, should_stop=should_stop,
                                        model=model, overrides=over)
-    preset = budget if budget in ("quick", "full") else "quick"
+    from .train.config import PRESETS
+
+    preset = budget if budget in PRESETS else "quick"
     kw = dict(seed=seed, device=device)
     if steps is not None:
         kw["steps"] = int(steps)

@@ -245,6 +245,10 @@ class TileSource(GeneGrid):
         self.hr_affine = np.asarray(fld.extra.get("hr_affine", np.eye(3)), float)
         self.um_per_px = float(fld.um_per_px)
 
+    def output_mask(self) -> np.ndarray:
+        """(H, W) pixels written to a file (NaN elsewhere): the HR mask here, the tissue for a slide."""
+        return self.hr_mask
+
     def he_tile(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -295,6 +299,12 @@ class SlideSource(TileSource):
                          he_um_per_px=he_um_per_px, with_he=False, **kw)
         fld.he = np.zeros((3, 0, 0), np.float32)  # never materialise the slide-sized H&E raster
         return cls(sample, fld)
+
+    def output_mask(self) -> np.ndarray:
+        """The map's shown extent: :func:`~napari_diffst.data.grids.display_mask` (follows the tissue)."""
+        from .data.grids import display_mask
+
+        return display_mask(self.sample, self)
 
     def he_tile(self, r0, c0, h, w):
         from .data.grids import sample_image
@@ -503,11 +513,12 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
     writer = None
     mean_acc = std_acc = None
     if out is not None:
+        from .data.grids import index_affine_um
         from .io.writers import OmeZarrWriter
 
         A, um_px = source.hr_affine, float(getattr(source, "um_per_px", 1.0))
-        origin_um = (float(A[1, 2]) * um_px, float(A[0, 2]) * um_px)
-        writer = OmeZarrWriter(out, (G * (2 if with_std else 1), H, W), source.genes, source.hr_um, origin_um,
+        writer = OmeZarrWriter(out, (G * (2 if with_std else 1), H, W), source.genes, None,
+                               affine_um=index_affine_um(A, um_px),
                                extra_channels=["uncertainty"] if with_std else [], ngff_version=ngff_version,
                                chunks=(1, 256, 256),
                                metadata={"source": source.name, "scale": source.scale, "steps": n,
@@ -519,6 +530,7 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
         mean_acc = np.zeros((G, H, W), np.float32)
         std_acc = np.zeros((G, H, W), np.float32) if with_std else None
     gs = np.asarray(source.gene_scale, np.float32)[:, None, None]
+    out_mask = source.output_mask() if writer is not None else None
     done = 0
     calls = 0
     finished = False
@@ -556,6 +568,7 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
                     tile_mu = (mu[k] * wgt).astype(np.float32)
                     tile_sd = (sd[k] * wgt).astype(np.float32) if with_std else None
                     if writer is not None:  # the OME-Zarr holds expression units, NaN outside tissue
+                        hm = out_mask[r0:r0 + h, c0:c0 + w]
                         tile_mu *= gs
                         tile_mu[:, ~hm] = np.nan
                         writer.add_tile(r0, c0, tile_mu, channels=slice(0, G))

@@ -384,19 +384,24 @@ class CompareSection(Section):
         """Write one method's maps (log1p CP10k; Diff-ST with its uncertainty) in ``fmt`` (None: by the
         path's suffix, :func:`napari_diffst.io.writers.choose_format`); h5ad and SpatialData in the
         section's frame (:class:`napari_diffst.io.scverse.SectionFrame`)."""
+        from ..data.grids import field_napari_affine
         from ..io import writers as W
 
         fld = self.field
         if method not in self.preds:
             raise ValueError(f"no maps for {method!r}")
         gs = np.asarray(fld.gene_scale, np.float32)[:, None, None]
-        mask = np.asarray(fld.hr_mask, bool)
-        maps = np.where(mask[None], self.preds[method] * gs, 0).astype(np.float32)
+        from ..data.grids import display_mask
+
+        smp = self.state.sample
+        mask = display_mask(smp, fld) if smp is not None and smp.name == fld.name else np.asarray(fld.hr_mask, bool)
+        # NaN outside the tissue, as everywhere (0 means "no expression")
+        maps = np.where(mask[None], self.preds[method] * gs, np.nan).astype(np.float32)
         extra = {}
         if method == "Diff-ST" and self.result is not None:
-            extra["uncertainty"] = np.where(mask[None], self.result.std * gs, 0).astype(np.float32)
+            extra["uncertainty"] = np.where(mask[None], self.result.std * gs, np.nan).astype(np.float32)
         A = np.asarray(fld.extra.get("hr_affine", np.eye(3)), float)
-        origin = (float(A[1, 2] * fld.um_per_px), float(A[0, 2] * fld.um_per_px))
+        place = {"affine_um": field_napari_affine(fld, "hr")}
         md = {"napari_diffst": {"method": method, "section": fld.name, "scale": fld.scale, "hr_um": fld.hr_um,
                                 "units": "log1p(CP10k)", "hr_affine_px": A.tolist(),
                                 "um_per_px_fullres": fld.um_per_px,
@@ -406,8 +411,8 @@ class CompareSection(Section):
         from ..io.scverse import SectionFrame
 
         frame = SectionFrame.from_field(fld, self.state.sample)
-        out = W.write_maps(path, maps, list(fld.genes), fld.hr_um, origin, fmt=fmt, mask=mask, extra_channels=extra,
-                           metadata=md, frame=frame)
+        out = W.write_maps(path, maps, list(fld.genes), fmt=fmt, mask=mask, extra_channels=extra, metadata=md,
+                           frame=frame, **place)
         return Path(out)
 
     def export_maps_dialog(self):

@@ -95,11 +95,18 @@ class DataSection(Section):
         if not paths:
             return
         settings.save("last_data_dir", str(Path(paths[0]).parent))
+        from .._reader import get_reader
+
         try:
             for p in paths:
+                if get_reader(p) is None:
+                    # napari would only say it "refused the file": the reader says what it expected instead
+                    from ..io import read
+
+                    read(p)
                 self.viewer.open(p, plugin="napari-diffst")
         except Exception as exc:  # reader errors carry the file, problem and expected form
-            notify_error(exc)
+            notify_error(getattr(exc, "original_error", None) or exc)  # napari's ReaderPluginError wraps ours
             return
         self._select_newest_spots()
 

@@ -92,6 +92,16 @@ class SuperResolveWidget(QScrollArea):
         # never narrower than the sections need (no horizontal scrolling, nothing clipped); checked again
         # when shown, once napari's stylesheet has sized the widgets
         self._fit_width()
+        # folders dropped on the canvas that napari-diffst reads open with it (napari would ask which reader,
+        # with its builtins preselected, which cannot read a section folder)
+        import warnings
+
+        with warnings.catch_warnings():  # napari hands plugins a proxy that warns on private attributes
+            warnings.simplefilter("ignore")
+            qv = getattr(getattr(napari_viewer, "window", None), "_qt_viewer", None)
+        self._qt_viewer = getattr(qv, "__wrapped__", qv)  # the widget itself: eventFilter compares identity
+        if self._qt_viewer is not None:
+            self._qt_viewer.installEventFilter(self)
 
     def _fit_width(self) -> None:
         inner = self.widget()
@@ -119,7 +129,40 @@ class SuperResolveWidget(QScrollArea):
                 self._main_window = w
                 w.installEventFilter(self)
 
+    def dropped_folders(self, event) -> list[str] | None:
+        """The local folders of a drop event when napari-diffst should open them: every dropped path is a folder
+        its reader accepts, no napari reader preference covers it and neither Alt (choose the reader) nor
+        Shift (stack) is held; else None (napari handles the drop as usual)."""
+        import os
+
+        from .._reader import get_reader
+
+        try:
+            mods = event.modifiers()
+            if mods & (Qt.KeyboardModifier.AltModifier | Qt.KeyboardModifier.ShiftModifier):
+                return None
+            urls = event.mimeData().urls() if event.mimeData() is not None else []
+            paths = [u.toLocalFile() for u in urls if u.isLocalFile()]
+            if not paths or len(paths) != len(urls) or not all(os.path.isdir(p) for p in paths):
+                return None
+            try:
+                from napari.plugins.utils import get_preferred_reader
+            except ImportError:  # pragma: no cover
+                get_preferred_reader = lambda p: None  # noqa: E731
+            if any(get_preferred_reader(p) for p in paths) or any(get_reader(p) is None for p in paths):
+                return None
+            return paths
+        except Exception:  # noqa: BLE001 - never break napari's own drop handling
+            return None
+
     def eventFilter(self, obj, event):
+        if obj is not None and obj is getattr(self, "_qt_viewer", None) and event.type() == QEvent.Type.Drop:
+            paths = self.dropped_folders(event)
+            if paths:
+                event.acceptProposedAction()
+                self.sections["data"]._open_paths(paths)
+                return True
+            return False
         if obj is not None and obj is getattr(self, "_main_window", None) and event.type() == QEvent.Type.Close:
             jobs = self.running_jobs()
             if jobs:

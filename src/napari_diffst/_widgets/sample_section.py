@@ -12,6 +12,7 @@ event-loop turn so the viewer stays responsive; earlier results are never replac
 repeated names)."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +23,16 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QLineEdit, QPushButton, QSpi
 
 from . import settings
 from ._common import (ImageView, Section, StatusText, notify_error, notify_warning, progress_bar,
-                      row as _row, save_later)
-from .workers import GENE_COLORMAPS, Job, JobRunner, colormap_lut, raster_layer_kwargs, sample_job
+                      row as _row, save_later, set_bar)
+from ..layers import OVERLAY_OPACITY, overlay_colormap
+from .workers import (GENE_COLORMAPS, Job, JobRunner, colormap_lut, format_eta, raster_layer_kwargs,
+                      sample_job)
 
-TARGETS = (("auto", "auto (truth if known, else native)"), ("native", "native: spots → pitch / s"),
-           ("degrade", "benchmark: s×s blocks → spots (truth = spots)"))
+#: (key, short text shown in the box, the full explanation as its tooltip): short texts fit the dock's width
+TARGETS = (("auto", "auto", "auto: against the HR truth where it is known (synthetic), else native"),
+           ("native", "native (pitch / s)", "native: the observed spots are the input; output pixels are pitch / s"),
+           ("degrade", "benchmark (s×s blocks)",
+            "benchmark: s×s blocks of spots are the input, the spots themselves the truth (scores real data)"))
 #: the live preview's size in the dock (px, longest side); larger maps are downsampled in the worker
 PREVIEW_PX = 200
 
@@ -106,8 +112,10 @@ class SampleSection(Section):
         self.add_row("Steps / samples", _row(self.steps_spin, self.n_spin, stretch=None))
         self.add_row("Seed", self.seed_spin)
         self.target_combo = self.add_row("Target", QComboBox())
-        for k, t in TARGETS:
+        for i, (k, t, tip) in enumerate(TARGETS):
             self.target_combo.addItem(t, k)
+            self.target_combo.setItemData(i, tip, Qt.ItemDataRole.ToolTipRole)
+        self.target_combo.setToolTip("\n".join(tip for *_, tip in TARGETS))
         self.blend_combo = self.add_row("Blending", QComboBox())
         self.blend_combo.addItems(["translucent", "additive"])
         self.run_btn = QPushButton("Super-resolve")
@@ -132,6 +140,7 @@ class SampleSection(Section):
         self._status_text = None       # text for the status label at the next UI tick
         self.result_layers: list = []
         self.queue = LayerQueue(viewer, self)
+        self._t0, self._done0, self._outcome = None, 0, None  # ETA clock; how the last run ended
 
         self.ckpt_btn.clicked.connect(self._choose_ckpt)
         self.ckpt_edit.textChanged.connect(lambda *_: self._update_enabled())
@@ -182,6 +191,7 @@ class SampleSection(Section):
         self._show_preview = False
         self.n_previews = 0
         self._pending_preview = self._status_text = None
+        self._t0, self._done0, self._outcome = None, 0, None
         self.status.setText("Loading the checkpoint…")
         self.preview.clear()  # (shown when the checkpoint is loaded: the dock's relayout is not in the click)
         self.preview.setText("x̂₀ preview of the first gene appears here")
@@ -233,19 +243,29 @@ class SampleSection(Section):
                                  + (f"; {d['tiling']}" if d.get("tiling") and "tiled" in d["tiling"]
                                     and "untiled" not in d["tiling"] else ""))
         elif kind == "progress":
+            now = time.perf_counter()
+            if self._t0 is None:  # the first step's time includes start-up: the ETA counts from it
+                self._t0, self._done0 = now, d["done"]
+            eta = None
+            if d["done"] > self._done0:
+                eta = (now - self._t0) / (d["done"] - self._done0) * (d["total"] - d["done"])
             self.runner.set_progress(d["done"], total=d["total"],
-                                     desc=d.get("desc") or
-                                     f"napari-diffst: sample {d['sample'] + 1}, step {d['done']}/{d['total']}")
+                                     desc=(d.get("desc") or
+                                           f"napari-diffst: sample {d['sample'] + 1}, step {d['done']}/{d['total']}")
+                                          + f" · ETA {format_eta(eta)}")
             if "preview" in d:
                 self._pending_preview = (d["preview"], f"(sample {d['sample'] + 1}, step {d['done']}/{d['total']})")
         elif kind == "result":
+            self._outcome = "done"
             self._show_result(d["result"], d if "maps" in d else None)
         elif kind == "cancelled":
+            self._outcome = "cancelled"
             self._status_text = d["message"] + "; no layers were added."
             self._pending_preview = None
             notify_warning(d["message"])
             self._remove_preview()
         elif kind == "error":
+            self._outcome = "failed"
             notify_error(d["message"])
             self._status_text = d["message"]
             self._pending_preview = None
@@ -291,16 +311,19 @@ class SampleSection(Section):
         for i, g in enumerate(genes):
             cl = tuple(data["clims"][i])
             cmap = gene_colormap(genes, g)
-            md = {"diffst_role": "sr", "gene": g, "genes": [g], "mask": fld.hr_mask, "units": "log1p(CP10k)",
+            md = {"diffst_role": "sr", "gene": g, "genes": [g], "mask": data.get("mask", fld.hr_mask),
+                  "units": "log1p(CP10k)",
                   "hr_um": fld.hr_um, "checkpoint": ck, "mode": self.mode, "steps": res.steps,
                   "n_samples": res.n_samples, "diffst_frame": frame}
-            self.queue.put(self._adder(mean[i], dict(name=f"{g} · Diff-ST", colormap=cmap, contrast_limits=cl,
-                                                    blending=blend, opacity=0.75, visible=(i == 0), metadata=md,
+            self.queue.put(self._adder(mean[i], dict(name=f"{g} · Diff-ST", colormap=overlay_colormap(cmap),
+                                                    contrast_limits=cl, blending=blend, opacity=OVERLAY_OPACITY,
+                                                    visible=(i == 0), metadata=md,
                                                     units=("um", "um"), **place)))
             mdu = dict(md, diffst_role="sr_uncertainty")
-            self.queue.put(self._adder(std[i], dict(name=f"{g} · Diff-ST σ", colormap=cmap,
+            self.queue.put(self._adder(std[i], dict(name=f"{g} · Diff-ST σ", colormap=overlay_colormap(cmap),
                                                     contrast_limits=tuple(data["std_clims"][i]), blending=blend,
-                                                    opacity=0.75, visible=False, metadata=mdu, units=("um", "um"),
+                                                    opacity=OVERLAY_OPACITY, visible=False, metadata=mdu,
+                                                    units=("um", "um"),
                                                     **place)))
 
         def finish():
@@ -323,6 +346,9 @@ class SampleSection(Section):
         return add
 
     def _on_done(self):
+        if self._outcome != "done":  # never leave "super-resolving" / a step count in the bar after a stop
+            set_bar(self.progress, 0, 1, {"cancelled": "cancelled", "failed": "failed — see the message above"}
+                    .get(self._outcome, "stopped"))
         self.state.set_busy(False)
         self._update_enabled()
         self.queue.release()  # add the result layers now that the worker has finished

@@ -22,8 +22,14 @@ from .plots import LossPlot
 from .workers import Job, JobRunner, format_eta, train_job
 
 BUDGETS = (("tiny", "tiny (tests, seconds)"), ("quick", "quick (CPU minutes)"), ("full", "full (GPU hours)"))
-DEFAULT_STEPS = {"tiny": 20, "quick": 300, "full": 40000}
-DEFAULT_BATCH = {"tiny": 2, "quick": 4, "full": 16}
+
+
+def budget_default(budget: str, key: str) -> int:
+    """A budget's default (``steps``, ``batch_size``, ``lr_size``) from the training presets — the same the
+    CLI's ``train --budget`` uses (imported when asked: the presets' package loads torch)."""
+    from ..train.config import PRESETS
+
+    return int(PRESETS[budget][key])
 #: labels of the "Histology features" box (model config ``hist_features``; napari_diffst.features)
 FEATURE_LABELS = {"learned": "learned (default)", "handcrafted": "handcrafted (colour + texture)",
                   "file": "pretrained model file…"}
@@ -75,10 +81,10 @@ class TrainSection(Section):
         self.budget_combo.setCurrentIndex(max(0, [k for k, _ in BUDGETS].index(b) if b in dict(BUDGETS) else 1))
         self.steps_spin = QSpinBox()
         self.steps_spin.setRange(1, 1_000_000)
-        self.steps_spin.setValue(settings.load("train/steps", DEFAULT_STEPS[self.budget], int))
+        self.steps_spin.setValue(settings.load("train/steps", budget_default(self.budget, "steps"), int))
         self.batch_spin = QSpinBox()
         self.batch_spin.setRange(1, 512)
-        self.batch_spin.setValue(settings.load("train/batch", DEFAULT_BATCH[self.budget], int))
+        self.batch_spin.setValue(settings.load("train/batch", budget_default(self.budget, "batch_size"), int))
         self.patch_spin = QSpinBox()
         self.patch_spin.setRange(2, 64)
         self.patch_spin.setValue(settings.load("train/lr_size", 8, int))
@@ -144,8 +150,8 @@ class TrainSection(Section):
 
     def _on_budget(self, *_):
         settings.save("train/budget", self.budget)
-        self.steps_spin.setValue(DEFAULT_STEPS[self.budget])
-        self.batch_spin.setValue(DEFAULT_BATCH[self.budget])
+        self.steps_spin.setValue(budget_default(self.budget, "steps"))
+        self.batch_spin.setValue(budget_default(self.budget, "batch_size"))
 
     def _fill_features(self):
         from ..features import available_feature_extractors, describe_feature_extractor  # torch-free

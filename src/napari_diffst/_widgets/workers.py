@@ -34,8 +34,7 @@ __all__ = ["Job", "train_job", "sample_job", "compare_job", "register_job", "sta
            "preview_rgba", "colormap_lut", "result_layer_data", "JobRunner",
            "GENE_COLORMAPS", "METRIC_COLUMNS"]
 
-#: colormaps given to genes in turn (the same gene keeps its colormap in the Sample and Compare views)
-GENE_COLORMAPS = ("inferno", "viridis", "magma", "plasma", "cividis", "turbo", "twilight_shifted", "gray")
+from ..layers import GENE_COLORMAPS  # noqa: E402  (one home: layers.py)
 #: (key in score_field's output, column title)
 METRIC_COLUMNS = (("pcc", "PCC"), ("rmse", "RMSE"), ("ssim", "SSIM"), ("detail_pcc", "detail-PCC"))
 
@@ -249,14 +248,18 @@ def colormap_lut(name: str) -> np.ndarray:
     return np.ascontiguousarray((ensure_colormap(name).map(np.linspace(0, 1, 256)) * 255).round().astype(np.uint8))
 
 
-def result_layer_data(res) -> dict:
+def result_layer_data(res, sample=None) -> dict:
     """What the result layers show, computed off the main thread: ``maps`` / ``std_maps`` (G, H, W) in
-    log1p(CP10k), NaN outside the tissue (:func:`masked_expression`), and their per-gene ``clims`` /
-    ``std_clims`` (:func:`contrast_limits`)."""
+    log1p(CP10k), NaN outside ``mask`` (:func:`masked_expression`; the tissue,
+    :func:`~napari_diffst.data.grids.display_mask`, with ``sample``, else the field's HR mask), and their
+    per-gene ``clims`` / ``std_clims`` (:func:`contrast_limits`)."""
+    from ..data.grids import display_mask
+
     fld = res.field
-    mean = masked_expression(res.mean, fld.gene_scale, fld.hr_mask)
-    std = masked_expression(res.std, fld.gene_scale, fld.hr_mask)
-    return {"maps": mean, "std_maps": std, "clims": [contrast_limits(a) for a in mean],
+    mask = display_mask(sample, fld) if sample is not None else np.asarray(fld.hr_mask, bool)
+    mean = masked_expression(res.mean, fld.gene_scale, mask)
+    std = masked_expression(res.std, fld.gene_scale, mask)
+    return {"maps": mean, "std_maps": std, "mask": mask, "clims": [contrast_limits(a) for a in mean],
             "std_clims": [contrast_limits(a) for a in std]}
 
 
@@ -309,7 +312,7 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
                 return
             if "result" in upd:
                 res = upd["result"]
-                yield {"kind": "result", "result": res, "info": info, "mode": m, **result_layer_data(res)}
+                yield {"kind": "result", "result": res, "info": info, "mode": m, **result_layer_data(res, sample)}
                 return
             total = upd["total"]
             last = upd["done"] == total or upd["i"] == upd["n_steps"] - 1  # end of a sample

@@ -59,6 +59,8 @@ __all__ = [
     "sample_image",
     "make_field",
     "field_napari_affine",
+    "index_affine_um",
+    "display_mask",
     "SCALE_RANGE",
 ]
 
@@ -767,12 +769,59 @@ def _bin_truth(sample: Sample, genes: Sequence[str], A_hr_img: np.ndarray, shape
     return np.log1p(v).astype(np.float32), inside
 
 
+#: how far (in lattice pitches) past the in-tissue spots' cells a shown map may reach where the H&E is tissue
+DISPLAY_REACH_PITCH = 0.25
+
+
+def display_mask(sample: Sample, grid, *, thumb_px: int = 1024) -> np.ndarray:
+    """Where a super-resolved map is shown and written (NaN elsewhere): the H&E's tissue (holes filled, so
+    fat inside the section stays) within ``DISPLAY_REACH_PITCH`` pitches of the in-tissue spots' cells
+    (``grid.hr_mask``), so the map's outline follows the tissue instead of the lattice's squares. Falls back
+    to ``hr_mask`` without an image or when the tissue mask covers under half of it (a failed detection).
+    ``grid``: an :class:`SRField` or a tiling source (``hr_mask``, ``hr_affine``/``extra['hr_affine']``,
+    ``hr_um``); the result is cached in ``grid.extra['display_mask']``."""
+    from scipy import ndimage as ndi
+
+    extra = getattr(grid, "extra", None)
+    if isinstance(extra, dict) and isinstance(extra.get("display_mask"), np.ndarray):
+        return extra["display_mask"]
+    hr_mask = np.asarray(grid.hr_mask, bool)
+    out = hr_mask
+    if sample.image is not None and hr_mask.any():
+        from .registration import _thumb_frame, tissue_mask
+
+        A_hr = np.asarray(getattr(grid, "hr_affine", None) if getattr(grid, "hr_affine", None) is not None
+                          else grid.extra["hr_affine"], float)
+        thumb, A_th = _thumb_frame(sample, thumb_px)
+        tis = ndi.binary_fill_holes(tissue_mask(thumb))
+        H, W = hr_mask.shape
+        rr, cc = np.mgrid[0:H, 0:W]
+        pts = np.rint(apply_affine(A_th @ A_hr, np.c_[cc.ravel(), rr.ravel()])).astype(np.int64)
+        ok = (pts[:, 0] >= 0) & (pts[:, 0] < tis.shape[1]) & (pts[:, 1] >= 0) & (pts[:, 1] < tis.shape[0])
+        on = np.zeros(H * W, bool)
+        on[ok] = tis[pts[ok, 1], pts[ok, 0]]
+        on = on.reshape(H, W)
+        pitch_um = float((extra or {}).get("pitch_um") or grid.hr_um * getattr(grid, "scale", 1))
+        reach = ndi.distance_transform_edt(~hr_mask) * float(grid.hr_um) <= DISPLAY_REACH_PITCH * pitch_um + 1e-9
+        cand = reach & on
+        if (cand & hr_mask).sum() >= 0.5 * hr_mask.sum():
+            out = cand
+    if isinstance(extra, dict):
+        extra["display_mask"] = out
+    return out
+
+
 def field_napari_affine(fld: SRField, which: str = "hr") -> np.ndarray:
     """napari (row, col) affine in µm for a raster of ``fld`` (``'hr'``, ``'lr'`` or ``'he'``), to be
     used with ``scale=(1, 1)``: world µm = affine @ (row, col, 1)."""
     key = {"hr": "hr_affine", "lr": "lr_affine", "he": "he_affine"}[which]
-    A = np.asarray(fld.extra[key], float)
+    return index_affine_um(fld.extra[key], fld.um_per_px)
+
+
+def index_affine_um(A_px: np.ndarray, um_per_px: float) -> np.ndarray:
+    """A raster's (col, row, 1) → full-res (x, y, 1) px affine as a napari (row, col, 1) → (y, x, 1) µm
+    affine (what the writers store: :class:`napari_diffst.io.writers.Placement`)."""
     P = np.array([[0, 1, 0], [1, 0, 0], [0, 0, 1]], float)
-    B = P @ A @ P
-    B[:2, :] *= fld.um_per_px
+    B = P @ np.asarray(A_px, float) @ P
+    B[:2, :] *= float(um_per_px)
     return B

@@ -232,7 +232,8 @@ def write_spatialdata(path, maps, genes=None, um_per_px: float = 1.0, origin_um=
     from spatialdata.models import Image2DModel, ShapesModel, TableModel
     from spatialdata.transformations import Affine, Scale
 
-    maps, genes, um, origin, extra = _check(path, maps, genes, um_per_px, origin_um, extra_channels)
+    maps, genes, place, extra = _check(path, maps, genes, um_per_px, origin_um, extra_channels)
+    um, origin = place.um_per_px, place.origin
     maps = np.asarray(maps, np.float32)
     G, H, W = maps.shape
     if mask is None:
@@ -273,7 +274,7 @@ def write_spatialdata(path, maps, genes=None, um_per_px: float = 1.0, origin_um=
         shapes["spots"] = ShapesModel.parse(np.asarray(frame.spots_xy, float), geometry=0,
                                             radius=np.full(len(frame.spots_xy), r),
                                             index=pd.Index([str(b) for b in idx]), transformations={CS: Scale([1.0, 1.0], axes=("x", "y"))})
-    meta = _meta(genes, um, origin, list(extra), metadata)
+    meta = _meta(genes, place, list(extra), metadata)
     adata = sr_anndata(maps, genes, mask, frame, extra=extra, meta=meta, meta_key=META_KEY)
     adata.obs["region"] = "maps"
     adata.obs["region"] = adata.obs["region"].astype("category")

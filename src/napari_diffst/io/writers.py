@@ -41,6 +41,8 @@ from ..errors import DataFormatError
 
 __all__ = [
     "OmeZarrWriter",
+    "Placement",
+    "placement_of",
     "MapsFile",
     "atomic_path",
     "write_ome_zarr",
@@ -53,6 +55,8 @@ __all__ = [
     "read_tiff_maps",
     "read_h5ad_maps",
     "read_maps",
+    "is_ome_zarr",
+    "open_ome_zarr_levels",
 ]
 
 #: Key of this package's own metadata block (in Zarr attributes, OME-TIFF description, h5ad uns).
@@ -137,7 +141,89 @@ def _as_stack(path, maps, name: str = "maps"):
     return maps
 
 
-def _check(path, maps, genes, um_per_px, origin_um, extra_channels):
+@dataclass(frozen=True)
+class Placement:
+    """Where a ``(Y, X)`` pixel grid lies in the µm world: ``affine`` (3×3) maps napari ``(row, col, 1)``
+    pixel-centre indices to ``(y, x, 1)`` µm.
+
+    ``scale`` = ``(sy, sx)``, the µm length of one row / one column step (per-axis: a spot lattice's
+    HR pixel is rarely square); ``origin`` = ``(y, x)`` µm of the centre of pixel (0, 0);
+    ``axis_aligned`` is False when the grid is rotated or sheared (then only ``affine`` places it exactly;
+    NGFF 0.4/0.5 and OME-TIFF store ``scale`` + ``origin``, and ``affine`` goes in this package's
+    metadata as ``affine_um``)."""
+
+    affine: np.ndarray
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        L = np.asarray(self.affine, float)[:2, :2]
+        return (float(np.hypot(L[0, 0], L[1, 0])), float(np.hypot(L[0, 1], L[1, 1])))
+
+    @property
+    def origin(self) -> tuple[float, float]:
+        return (float(self.affine[0, 2]), float(self.affine[1, 2]))
+
+    @property
+    def um_per_px(self) -> float:
+        """One number for the pixel size: ``√(sy·sx)`` (equal-area square pixel)."""
+        sy, sx = self.scale
+        return float(math.sqrt(sy * sx))
+
+    @property
+    def axis_aligned(self) -> bool:
+        L = np.asarray(self.affine, float)[:2, :2]
+        tol = 1e-6 * max(self.scale)
+        return bool(abs(L[0, 1]) <= tol and abs(L[1, 0]) <= tol and L[0, 0] > 0 and L[1, 1] > 0)
+
+    def level(self, k: int) -> "Placement":
+        """Placement of pyramid level ``k`` (2^k × 2^k level-0 pixels per pixel, same footprint)."""
+        f = float(2 ** int(k))
+        D = np.array([[f, 0, (f - 1) / 2], [0, f, (f - 1) / 2], [0, 0, 1]])
+        return Placement(np.asarray(self.affine, float) @ D)
+
+    @classmethod
+    def from_scale(cls, um_per_px, origin_um=(0.0, 0.0)) -> "Placement":
+        sy, sx = _pair(um_per_px)
+        oy, ox = (float(v) for v in origin_um)
+        return cls(np.array([[sy, 0.0, oy], [0.0, sx, ox], [0.0, 0.0, 1.0]]))
+
+
+def _pair(um_per_px) -> tuple[float, float]:
+    v = np.ravel(np.asarray(um_per_px, float))
+    if v.size == 1:
+        return (float(v[0]), float(v[0]))
+    if v.size == 2:
+        return (float(v[0]), float(v[1]))
+    raise ValueError(f"{um_per_px!r}")
+
+
+def placement_of(path, um_per_px=1.0, origin_um=(0.0, 0.0), affine_um=None) -> Placement:
+    """Checked :class:`Placement` from ``affine_um`` (3×3 napari (row, col) → µm, when given) or from
+    ``um_per_px`` (one number, or ``(y, x)`` per axis) and ``origin_um``."""
+    if affine_um is not None:
+        try:
+            A = np.asarray(affine_um, float)
+        except (TypeError, ValueError):
+            raise DataFormatError(path, f"affine {affine_um!r} is not numeric", "a 3×3 (row, col) → µm affine") from None
+        if A.shape != (3, 3) or not np.isfinite(A).all() or abs(np.linalg.det(A[:2, :2])) < 1e-12:
+            raise DataFormatError(path, f"affine of shape {A.shape} (or singular / not finite)",
+                                  "an invertible 3×3 (row, col) → µm affine")
+        A = A.copy()
+        A[2] = (0.0, 0.0, 1.0)
+        return Placement(A)
+    try:
+        sy, sx = _pair(um_per_px)
+    except (TypeError, ValueError):
+        raise DataFormatError(path, f"pixel size {um_per_px!r} is not a number", "µm per pixel > 0") from None
+    if not all(math.isfinite(v) and v > 0 for v in (sy, sx)):
+        raise DataFormatError(path, f"pixel size {um_per_px!r}", "µm per pixel > 0")
+    origin = tuple(float(v) for v in (origin_um if origin_um is not None else (0.0, 0.0)))
+    if len(origin) != 2:
+        raise DataFormatError(path, f"origin {origin_um!r}", "(y, x) in µm")
+    return Placement.from_scale((sy, sx), origin)
+
+
+def _check(path, maps, genes, um_per_px, origin_um, extra_channels, affine_um=None):
     maps = _as_stack(path, maps)
     if isinstance(genes, str):
         genes = [genes]
@@ -148,15 +234,7 @@ def _check(path, maps, genes, um_per_px, origin_um, extra_channels):
     if len(set(genes)) != len(genes):
         dup = sorted({g for g in genes if genes.count(g) > 1})
         raise DataFormatError(path, f"duplicate gene names {dup}", "unique gene names")
-    try:
-        um = float(um_per_px)
-    except (TypeError, ValueError):
-        raise DataFormatError(path, f"pixel size {um_per_px!r} is not a number", "µm per pixel > 0") from None
-    if not (math.isfinite(um) and um > 0):
-        raise DataFormatError(path, f"pixel size {um_per_px!r}", "µm per pixel > 0")
-    origin = tuple(float(v) for v in (origin_um if origin_um is not None else (0.0, 0.0)))
-    if len(origin) != 2:
-        raise DataFormatError(path, f"origin {origin_um!r}", "(y, x) in µm")
+    place = placement_of(path, um_per_px, origin_um, affine_um)
     extra = {}
     for k, v in dict(extra_channels or {}).items():
         v = _as_stack(path, v, f"extra channel {k!r}")
@@ -164,16 +242,21 @@ def _check(path, maps, genes, um_per_px, origin_um, extra_channels):
             raise DataFormatError(path, f"extra channel {k!r} has shape {tuple(v.shape)}, maps {tuple(maps.shape)}",
                                   "the same (genes, Y, X) shape as the maps")
         extra[str(k)] = v
-    return maps, genes, um, origin, extra
+    return maps, genes, place, extra
 
 
 def _labels(genes: Sequence[str], extra: Sequence[str]) -> list[str]:
     return list(genes) + [f"{g} [{k}]" for k in extra for g in genes]
 
 
-def _meta(genes, um, origin, extra_names, metadata=None) -> dict:
-    m = {"genes": list(genes), "um_per_px": float(um), "origin_um": [float(origin[0]), float(origin[1])],
+def _meta(genes, place: Placement, extra_names, metadata=None) -> dict:
+    origin = place.origin
+    m = {"genes": list(genes), "um_per_px": place.um_per_px, "pixel_um": [float(v) for v in place.scale],
+         "origin_um": [float(origin[0]), float(origin[1])],
          "extra_channels": list(extra_names), "axes": "cyx", "origin_convention": "pixel (0,0) centre, (y, x) µm"}
+    if not place.axis_aligned:
+        m["affine_um"] = np.asarray(place.affine, float).tolist()
+        m["affine_convention"] = "napari (row, col, 1) pixel centre -> (y, x, 1) µm"
     if metadata:
         m.update(_jsonable(metadata))
     return m
@@ -228,8 +311,10 @@ class OmeZarrWriter:
     path : target ``.zarr`` / ``.ome.zarr`` folder (replaced on :meth:`close`).
     shape : ``(C, Y, X)`` at full resolution; ``C = len(genes) · (1 + len(extra_channels))``.
     genes : gene names of the first ``len(genes)`` channels.
-    um_per_px : pixel size in µm.
+    um_per_px : pixel size in µm (one number, or ``(y, x)`` per axis).
     origin_um : (y, x) µm of the centre of pixel (0, 0).
+    affine_um : optional 3×3 napari ``(row, col, 1)`` → ``(y, x, 1)`` µm affine; overrides ``um_per_px``
+        and ``origin_um`` (per-axis scale from its columns; stored whole when rotated or sheared).
     extra_channels : names of extra per-gene channel groups (e.g. ``['uncertainty']``) that follow
         the genes in that order.
     chunks : chunk shape ``(c, y, x)``.
@@ -243,7 +328,8 @@ class OmeZarrWriter:
 
     def __init__(self, path, shape, genes, um_per_px, origin_um=(0.0, 0.0), *,
                  extra_channels: Sequence[str] = (), chunks=(1, 256, 256), levels: int | None = None,
-                 ngff_version: str = "0.4", metadata: dict | None = None, name: str | None = None):
+                 ngff_version: str = "0.4", metadata: dict | None = None, name: str | None = None,
+                 affine_um=None):
         import zarr
 
         self.path = Path(path)
@@ -255,8 +341,8 @@ class OmeZarrWriter:
         if len(self.genes) * (1 + len(self.extra)) != shape[0]:
             raise DataFormatError(self.path, f"{shape[0]} channels for {len(self.genes)} genes and extra "
                                              f"channels {self.extra}", "C = genes × (1 + extra channel groups)")
-        _, _, self.um, self.origin, _ = _check(self.path, np.zeros((len(self.genes), 1, 1)), self.genes,
-                                               um_per_px, origin_um, None)
+        _, _, self.place, _ = _check(self.path, np.zeros((len(self.genes), 1, 1)), self.genes,
+                                     um_per_px, origin_um, None, affine_um)
         if str(ngff_version) not in ("0.4", "0.5"):
             raise ValueError(f"ngff_version must be '0.4' or '0.5', not {ngff_version!r}")
         self.ngff = str(ngff_version)
@@ -385,11 +471,13 @@ class OmeZarrWriter:
         labels = _labels(self.genes, self.extra)
         datasets = []
         for k in range(self.levels):
-            s = self.um * 2 ** k
-            # keep the image footprint: a level-k pixel centre sits (s − um)/2 past level 0's
-            t = [0.0, self.origin[0] + (s - self.um) / 2, self.origin[1] + (s - self.um) / 2]
+            # keep the image footprint: a level-k pixel centre sits (2^k − 1)/2 level-0 pixels past level 0's
+            pk = self.place if self.place.axis_aligned else Placement.from_scale(self.place.scale,
+                                                                                 self.place.origin)
+            pk = pk.level(k)
             datasets.append({"path": str(k), "coordinateTransformations": [
-                {"type": "scale", "scale": [1.0, s, s]}, {"type": "translation", "translation": t}]})
+                {"type": "scale", "scale": [1.0, *pk.scale]},
+                {"type": "translation", "translation": [0.0, *pk.origin]}]})
         ms = {"name": self.name,
               "axes": [{"name": "c", "type": "channel"},
                        {"name": "y", "type": "space", "unit": "micrometer"},
@@ -405,7 +493,7 @@ class OmeZarrWriter:
                           "family": "linear", "inverted": False,
                           "window": {"start": lo, "end": hi if hi > lo else lo + 1.0, "min": lo, "max": hi}})
         omero = {"name": self.name, "channels": chans, "rdefs": {"model": "greyscale", "defaultT": 0, "defaultZ": 0}}
-        meta = _meta(self.genes, self.um, self.origin, self.extra, self.metadata)
+        meta = _meta(self.genes, self.place, self.extra, self.metadata)
         if self.ngff == "0.4":
             ms["version"] = "0.4"
             omero["version"] = "0.4"
@@ -443,16 +531,18 @@ class OmeZarrWriter:
 
 def write_ome_zarr(path, maps, genes=None, um_per_px: float = 1.0, origin_um=(0.0, 0.0), *,
                    extra_channels: Mapping[str, object] | None = None, chunks=(1, 256, 256),
-                   levels: int | None = None, ngff_version: str = "0.4", metadata: dict | None = None) -> Path:
+                   levels: int | None = None, ngff_version: str = "0.4", metadata: dict | None = None,
+                   affine_um=None) -> Path:
     """Write ``maps`` ``(G, Y, X)`` (or ``(Y, X)``) as an OME-NGFF multiscale image (atomically).
 
-    ``maps`` and the extra channels may be lazy arrays; they are read one channel at a time."""
+    ``maps`` and the extra channels may be lazy arrays; they are read one channel at a time. Placement:
+    ``affine_um`` (see :class:`OmeZarrWriter`) or ``um_per_px`` (number or (y, x)) + ``origin_um``."""
     path = Path(path)
-    maps, genes, um, origin, extra = _check(path, maps, genes, um_per_px, origin_um, extra_channels)
+    maps, genes, place, extra = _check(path, maps, genes, um_per_px, origin_um, extra_channels, affine_um)
     G, H, W = (int(s) for s in maps.shape)
     shape = (G * (1 + len(extra)), H, W)
-    with OmeZarrWriter(path, shape, genes, um, origin, extra_channels=list(extra), chunks=chunks,
-                       levels=levels, ngff_version=ngff_version, metadata=metadata) as w:
+    with OmeZarrWriter(path, shape, genes, affine_um=place.affine, extra_channels=list(extra), chunks=chunks,
+                       um_per_px=None, levels=levels, ngff_version=ngff_version, metadata=metadata) as w:
         for k, src in enumerate([maps, *extra.values()]):
             for g in range(G):
                 w.write_tile(0, 0, np.asarray(src[g], np.float32), channels=k * G + g)
@@ -476,14 +566,19 @@ def _open_ngff(path: Path):
     return root, attrs, ome, ms[0]
 
 
-def _read_ngff(path: Path, level: int = 0):
+def _read_ngff(path: Path, level: int = 0, lazy: bool = False):
     root, attrs, ome, ms = _open_ngff(path)
     datasets = ms.get("datasets", [])
     if not (0 <= level < len(datasets)):
         raise DataFormatError(path, f"level {level} not present ({len(datasets)} levels)", "an existing level")
     ds = datasets[level]
     axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms.get("axes", ["c", "y", "x"])]
-    arr = np.asarray(root[ds["path"]][...], np.float32)
+    if lazy:
+        import dask.array as da
+
+        arr = da.from_zarr(root[ds["path"]])
+    else:
+        arr = np.asarray(root[ds["path"]][...], np.float32)
     if "y" not in axes or "x" not in axes or arr.ndim != len(axes):
         raise DataFormatError(path, f"axes {axes} for an array of shape {arr.shape}", "axes including y and x")
     # reduce to (c, y, x)
@@ -512,7 +607,13 @@ def _read_ngff(path: Path, level: int = 0):
     f = _UNIT_TO_UM.get(str(unit).lower(), 1.0)
     meta = attrs.get(META_KEY, {})
     labels = [c.get("label", f"channel{i}") for i, c in enumerate(ome.get("omero", {}).get("channels", []))]
-    return arr, scale[2] * f, (trans[1] * f, trans[2] * f), meta, labels, len(datasets)
+    place = Placement.from_scale((scale[1] * f, scale[2] * f), (trans[1] * f, trans[2] * f))
+    if meta.get("affine_um") is not None:  # rotated / sheared grid: this package's exact placement
+        try:
+            place = placement_of(path, affine_um=meta["affine_um"]).level(level)
+        except DataFormatError:
+            pass
+    return arr, place, meta, labels, len(datasets)
 
 
 @dataclass
@@ -521,11 +622,24 @@ class MapsFile:
 
     maps: np.ndarray                  # (G, Y, X) float32
     genes: list
-    um_per_px: float
+    um_per_px: float                  # √(sy·sx); see ``pixel_um`` for the per-axis size
     origin_um: tuple = (0.0, 0.0)     # (y, x) µm of the centre of pixel (0, 0)
     extra: dict = field(default_factory=dict)   # name -> (G, Y, X)
     metadata: dict = field(default_factory=dict)
     n_levels: int = 1
+    placement: Placement | None = None   # exact placement (per-axis scale, rotation)
+
+    @property
+    def pixel_um(self) -> tuple[float, float]:
+        """(y, x) µm per pixel."""
+        return self.placement.scale if self.placement is not None else (self.um_per_px, self.um_per_px)
+
+    @property
+    def affine_um(self) -> np.ndarray:
+        """3×3 napari (row, col, 1) → (y, x, 1) µm affine of the pixel centres."""
+        if self.placement is not None:
+            return np.asarray(self.placement.affine, float)
+        return Placement.from_scale(self.um_per_px, self.origin_um).affine
 
 
 def _split_extra(arr, genes, meta, labels):
@@ -549,10 +663,34 @@ def read_ome_zarr(path, level: int = 0) -> tuple[np.ndarray, list, float]:
     return m.maps, m.genes, m.um_per_px
 
 
-def _read_ome_zarr_full(path: Path, level: int = 0) -> MapsFile:
-    arr, um, origin, meta, labels, nlev = _read_ngff(path, level)
+def is_ome_zarr(path) -> bool:
+    """True for a folder holding OME-NGFF multiscale image metadata (0.4 ``.zattrs`` or 0.5 ``zarr.json``)."""
+    p = Path(path)
+    for name in (".zattrs", "zarr.json"):
+        f = p / name
+        if f.is_file():
+            try:
+                a = json.loads(f.read_text())
+            except (OSError, ValueError):
+                return False
+            a = a.get("attributes", a) if name == "zarr.json" else a
+            return bool((a.get("ome") or a).get("multiscales"))
+    return False
+
+
+def open_ome_zarr_levels(path) -> tuple[MapsFile, list]:
+    """Lazy read of an OME-Zarr image: ``(MapsFile of level 0 with dask arrays, [level k (C, Y, X) dask
+    array for every level])`` — nothing is loaded until indexed."""
+    path = Path(path)
+    m = _read_ome_zarr_full(path, 0, lazy=True)
+    levels = [_read_ngff(path, k, lazy=True)[0] for k in range(m.n_levels)]
+    return m, levels
+
+
+def _read_ome_zarr_full(path: Path, level: int = 0, lazy: bool = False) -> MapsFile:
+    arr, place, meta, labels, nlev = _read_ngff(path, level, lazy)
     maps, genes, extra = _split_extra(arr, meta.get("genes"), meta, labels)
-    return MapsFile(maps, genes, float(um), origin, extra, dict(meta), nlev)
+    return MapsFile(maps, genes, place.um_per_px, place.origin, extra, dict(meta), nlev, place)
 
 
 # --------------------------------------------------------------------------------------------
@@ -560,21 +698,22 @@ def _read_ome_zarr_full(path: Path, level: int = 0) -> MapsFile:
 # --------------------------------------------------------------------------------------------
 def write_tiff(path, maps, genes=None, um_per_px: float = 1.0, origin_um=(0.0, 0.0), *,
                extra_channels: Mapping[str, object] | None = None, metadata: dict | None = None,
-               compression: str | None = "zlib") -> Path:
+               compression: str | None = "zlib", affine_um=None) -> Path:
     """Write ``maps`` as a float32 OME-TIFF (axes CYX) with physical pixel sizes in µm, channel
     names = gene names (``"GENE [extra]"`` for extra channels) and the origin as plane positions."""
     import tifffile
 
     path = Path(path)
-    maps, genes, um, origin, extra = _check(path, maps, genes, um_per_px, origin_um, extra_channels)
+    maps, genes, place, extra = _check(path, maps, genes, um_per_px, origin_um, extra_channels, affine_um)
+    (sy, sx), origin = place.scale, place.origin
     data = np.concatenate([np.asarray(maps, np.float32)] + [np.asarray(v, np.float32) for v in extra.values()])
     labels = _labels(genes, list(extra))
     C, H, W = data.shape
     md = {
         "axes": "CYX", "Name": _stem(path),
-        "Description": json.dumps({META_KEY: _meta(genes, um, origin, list(extra), metadata)}),
+        "Description": json.dumps({META_KEY: _meta(genes, place, list(extra), metadata)}),
         "Channel": {"Name": labels},
-        "PhysicalSizeX": um, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": um, "PhysicalSizeYUnit": "µm",
+        "PhysicalSizeX": sx, "PhysicalSizeXUnit": "µm", "PhysicalSizeY": sy, "PhysicalSizeYUnit": "µm",
         "Plane": {"PositionX": [origin[1]] * C, "PositionXUnit": ["µm"] * C,
                   "PositionY": [origin[0]] * C, "PositionYUnit": ["µm"] * C},
     }
@@ -608,13 +747,14 @@ def _read_tiff_full(path: Path) -> MapsFile:
         arr = arr[None]
     elif arr.ndim != 3:
         raise DataFormatError(path, f"image axes {axes!r} shape {arr.shape}", "CYX gene maps")
-    um, origin, meta, labels = 1.0, (0.0, 0.0), {}, []
+    um, umy, origin, meta, labels = 1.0, None, (0.0, 0.0), {}, []
     if xml:
         d = tifffile.xml2dict(xml).get("OME", {})
         img = d.get("Image", {})
         img = img[0] if isinstance(img, list) else img
         px = img.get("Pixels", {})
         um = float(px.get("PhysicalSizeX", 1.0)) * _UNIT_TO_UM.get(str(px.get("PhysicalSizeXUnit", "µm")), 1.0)
+        umy = float(px.get("PhysicalSizeY", um)) * _UNIT_TO_UM.get(str(px.get("PhysicalSizeYUnit", "µm")), 1.0)
         ch = px.get("Channel", [])
         ch = ch if isinstance(ch, list) else [ch]
         labels = [str(c.get("Name", f"channel{i}")) for i, c in enumerate(ch)]
@@ -627,7 +767,24 @@ def _read_tiff_full(path: Path) -> MapsFile:
         if "origin_um" in meta:
             origin = tuple(float(v) for v in meta["origin_um"])
     maps, genes, extra = _split_extra(arr, meta.get("genes"), meta, labels)
-    return MapsFile(maps, genes, float(meta.get("um_per_px", um)), origin, extra, dict(meta))
+    place = _meta_placement(path, meta, (umy if umy is not None else um, um), origin)
+    return MapsFile(maps, genes, float(meta.get("um_per_px", place.um_per_px)), place.origin, extra, dict(meta),
+                    1, place)
+
+
+def _meta_placement(path, meta: dict, scale_yx, origin) -> Placement:
+    """Placement from this package's metadata (``affine_um``, else ``pixel_um``/``um_per_px``), falling back
+    to the file's own pixel size."""
+    try:
+        if meta.get("affine_um") is not None:
+            return placement_of(path, affine_um=meta["affine_um"])
+        if meta.get("pixel_um") is not None:
+            return placement_of(path, meta["pixel_um"], origin)
+        if meta.get("um_per_px") is not None:
+            return placement_of(path, meta["um_per_px"], origin)
+    except DataFormatError:
+        pass
+    return placement_of(path, scale_yx, origin)
 
 
 # --------------------------------------------------------------------------------------------
@@ -635,7 +792,7 @@ def _read_tiff_full(path: Path) -> MapsFile:
 # --------------------------------------------------------------------------------------------
 def write_h5ad(path, maps, genes=None, um_per_px: float = 1.0, mask=None, origin_um=(0.0, 0.0), *,
                extra_channels: Mapping[str, object] | None = None, metadata: dict | None = None,
-               frame=None) -> Path:
+               frame=None, affine_um=None) -> Path:
     """Write the maps as an AnnData with one observation per pixel of ``mask`` (default: pixels with
     any finite value), laid out for scanpy/squidpy by :func:`napari_diffst.io.scverse.sr_anndata`:
     ``obsm['spatial']`` in full-resolution pixels of the section image, ``obsm['spatial_um']`` in µm,
@@ -644,13 +801,13 @@ def write_h5ad(path, maps, genes=None, um_per_px: float = 1.0, mask=None, origin
 
     ``frame`` (a :class:`~napari_diffst.io.scverse.SectionFrame`, e.g. ``SectionFrame.from_field(field,
     sample)``) places the grid in its section. Without it only the µm grid is known: full-res pixels
-    are then taken as 1 µm, there is no image and no barcode."""
+    are then taken as 1 µm (placed by ``affine_um`` when given), there is no image and no barcode."""
     import anndata  # noqa: F401  (fail early with the real ImportError)
 
     from .scverse import SectionFrame, sr_anndata
 
     path = Path(path)
-    maps, genes, um, origin, extra = _check(path, maps, genes, um_per_px, origin_um, extra_channels)
+    maps, genes, place, extra = _check(path, maps, genes, um_per_px, origin_um, extra_channels, affine_um)
     maps = np.asarray(maps, np.float32)
     G, H, W = maps.shape
     if mask is None:
@@ -659,8 +816,14 @@ def write_h5ad(path, maps, genes=None, um_per_px: float = 1.0, mask=None, origin
     if mask.shape != (H, W):
         raise DataFormatError(path, f"mask of shape {mask.shape} for maps of {(H, W)}", "a (Y, X) boolean mask")
     if frame is None:
-        frame = SectionFrame.from_grid(um, origin)
-    meta = _meta(genes, um, origin, list(extra), metadata)
+        # no section: full-res pixels are µm; the placement's (row, col) -> (y, x) affine as (col, row) -> (x, y)
+        Ayx = np.asarray(place.affine, float)
+        A = np.eye(3)
+        A[:2, :2] = Ayx[:2, :2][::-1, ::-1]
+        A[:2, 2] = Ayx[:2, 2][::-1]
+        frame = SectionFrame(hr_affine=A, um_per_px=1.0)
+    meta = _meta(genes, place, list(extra), metadata)
+    meta["shape"] = [int(H), int(W)]
     adata = sr_anndata(maps, genes, mask, frame, extra=extra, meta=meta, meta_key=META_KEY)
     with atomic_path(path) as tmp:
         adata.write_h5ad(tmp)
@@ -696,8 +859,9 @@ def _read_h5ad_full(path: Path) -> MapsFile:
     extra = {k: grid(adata.layers[k]) for k in meta.get("extra_channels", []) if k in adata.layers}
     origin = tuple(float(v) for v in meta.get("origin_um", (0.0, 0.0)))
     meta = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in meta.items()}
-    return MapsFile(grid(adata.X), list(map(str, adata.var_names)), float(meta.get("um_per_px", 1.0)), origin,
-                    extra, meta)
+    um = float(meta.get("um_per_px", 1.0))
+    place = _meta_placement(path, meta, (um, um), origin)
+    return MapsFile(grid(adata.X), list(map(str, adata.var_names)), um, place.origin, extra, meta, 1, place)
 
 
 #: Output formats: name → the suffixes that choose it (first: the default suffix).
@@ -731,20 +895,22 @@ def choose_format(path, fmt: str | None = None) -> str:
 
 def write_maps(path, maps, genes=None, um_per_px: float = 1.0, origin_um=(0.0, 0.0), *, fmt: str | None = None,
                mask=None, extra_channels: Mapping[str, object] | None = None, metadata: dict | None = None,
-               frame=None) -> Path:
-    """Write maps in the format :func:`choose_format` picks for ``path`` / ``fmt``.
+               frame=None, affine_um=None) -> Path:
+    """Write maps in the format :func:`choose_format` picks for ``path`` / ``fmt`` (``affine_um``: the
+    grid's exact placement, see :class:`Placement`).
 
     ``mask`` (h5ad: the pixels written) and ``frame`` (a :class:`~napari_diffst.io.scverse.SectionFrame`:
     h5ad and SpatialData place the grid in the section with it) are used where the format needs them."""
     kind = choose_format(path, fmt)
     if kind == "ome-zarr":
         return write_ome_zarr(path, maps, genes, um_per_px, origin_um, extra_channels=extra_channels,
-                              metadata=metadata)
+                              metadata=metadata, affine_um=affine_um)
     if kind == "tiff":
-        return write_tiff(path, maps, genes, um_per_px, origin_um, extra_channels=extra_channels, metadata=metadata)
+        return write_tiff(path, maps, genes, um_per_px, origin_um, extra_channels=extra_channels, metadata=metadata,
+                          affine_um=affine_um)
     if kind == "h5ad":
         return write_h5ad(path, maps, genes, um_per_px, mask, origin_um, extra_channels=extra_channels,
-                          metadata=metadata, frame=frame)
+                          metadata=metadata, frame=frame, affine_um=affine_um)
     from .spatialdata import write_spatialdata
 
     return write_spatialdata(path, maps, genes, um_per_px, origin_um, mask=mask, extra_channels=extra_channels,

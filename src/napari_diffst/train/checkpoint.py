@@ -293,8 +293,11 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     try:
         state = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - truncated / foreign files
-        raise DataFormatError(f, f"cannot read checkpoint ({type(e).__name__}: {str(e)[:200]})",
-                              "a complete model.pt written by napari-diffst") from None
+        # torch's own text is long and about pickling; say what it means for the user, whole sentences only
+        raise DataFormatError(f, f"cannot read checkpoint: the file is truncated or not a napari-diffst checkpoint "
+                              f"(torch.load raised {type(e).__name__})",
+                              f"a complete {CHECKPOINT_NAME} written by napari-diffst training; train again or "
+                              "choose another checkpoint folder") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise DataFormatError(f, "not a napari-diffst checkpoint", f"a dict with format={FORMAT!r}")
     if int(state.get("format_version", 0)) > FORMAT_VERSION:

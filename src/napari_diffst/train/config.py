@@ -12,16 +12,18 @@ from ..errors import DataFormatError
 
 __all__ = ["TrainConfig", "PRESETS"]
 
-#: Budget presets. ``quick``: a few CPU minutes with a small model and small patches (a usable demo model);
-#: ``full``: a GPU run at the scale of the Diff-ST paper experiments. ``checkpoint_every``: a killed run loses at
-#: most that many steps; quick's 50 is under a minute of CPU work (measured ~1 s per quick step on a shared
-#: 2-core machine, docs/model.md "Checkpoints, reruns and faults").
+#: Budget presets — the one home of each budget's defaults (the CLI and the dock both read them).
+#: ``tiny``: tests and smoke runs (seconds); ``quick``: a few CPU minutes with a small model and small
+#: patches (a usable demo model); ``full``: a GPU run at the scale of the Diff-ST paper experiments.
+#: ``checkpoint_every``: a killed run loses at most that many steps; quick's 50 is under a minute of CPU work
+#: (measured ~1 s per quick step on a shared 2-core machine, docs/model.md "Checkpoints, reruns and faults").
 PRESETS: dict[str, dict] = {
     "quick": dict(steps=300, batch_size=4, lr_size=8, lr=2e-4, warmup_steps=20, lr_schedule="constant",
                   ema_decay=0.99, log_every=10, checkpoint_every=50, device="auto"),
     "full": dict(steps=40000, batch_size=16, lr_size=16, lr=1e-4, warmup_steps=500, lr_schedule="cosine",
                  ema_decay=0.9999, log_every=50, checkpoint_every=2000, device="auto"),
 }
+PRESETS["tiny"] = {**PRESETS["quick"], "steps": 20, "batch_size": 2}
 
 
 @dataclass
@@ -130,7 +132,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ presets
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TrainConfig":
-        """A config from a budget preset (``'quick'`` or ``'full'``) with keyword overrides."""
+        """A config from a budget preset (``'tiny'``, ``'quick'`` or ``'full'``) with keyword overrides."""
         if name not in PRESETS:
             raise DataFormatError(None, f"unknown training preset {name!r}", f"one of {sorted(PRESETS)}")
         kw = dict(PRESETS[name])
