@@ -169,7 +169,10 @@ def make_trainer(fields: Sequence[SRField], *, budget: str = "quick", steps: int
     kw.setdefault("lr_size", TrainConfig.from_preset(preset).lr_size)
     kw["lr_size"] = int(max(2, min(kw["lr_size"], max_lr)))
     kw.update(train_overrides)
-    if model is None:
+    if model is None:  # the initial weights are a function of the seed, not of the caller's RNG state
+        import torch
+
+        torch.manual_seed(int(seed))
         model = build_diffst_model(fields, train_samples, budget=budget, **(model_overrides or {}))
     kw["target"] = model.config["predict"]
     kw.setdefault("upsample", DEFAULT_UPSAMPLE)
