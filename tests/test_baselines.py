@@ -169,8 +169,8 @@ def test_trained_baselines_respect_scale_three():
 
 # ------------------------------------------------------------------------------------------ histosge
 #: step-limited budgets (no wall-clock cut-off, so runs are comparable and deterministic)
-HS_SMALL = {"steps": 40, "batch": 64, "ensemble": 1, "max_seconds": 600, "val_every": 20}
-HS_TRAIN = {"steps": 150, "batch": 128, "ensemble": 1, "max_seconds": 600, "val_every": 50, "lr": 3e-3}
+HS_SMALL = {"steps": 40, "batch": 64, "ensemble": 1, "val_every": 20}
+HS_TRAIN = {"steps": 150, "batch": 128, "ensemble": 1, "val_every": 50, "lr": 3e-3}
 
 
 def test_histosge_fits_predicts_and_adds_detail(toy):

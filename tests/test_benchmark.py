@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from napari_diffst import cli
-from napari_diffst.benchmark import (METHOD_NAMES, METRICS, DiffusionMethod, Method, PeakRSS, format_markdown,
+from napari_diffst.benchmark import (DIFFUSION_BUDGETS, METHOD_NAMES, METRICS, DiffusionMethod, Method, PeakRSS, format_markdown,
                                      format_table, make_method, parse_diffst_set, parse_methods, score_row,
                                      select_genes_variance, validate_result)
 from napari_diffst.errors import DiffSTError
@@ -176,8 +176,12 @@ def _check_run(run, genes_n, methods, sections):
     for sec in run["sections"].values():
         assert set(sec) == {"n_spots", "ceiling_pcc", "methods"}
         assert list(sec["methods"]) == methods
-        for row in sec["methods"].values():
-            assert tuple(row) == METRICS
+        for name, row in sec["methods"].items():
+            assert tuple(row) == METRICS + ("trained_steps",)
+            if name in ("diffst", "cond_diffusion"):  # the budget's step count, whatever the load
+                assert row["trained_steps"] == DIFFUSION_BUDGETS["tiny"]["steps"]
+            elif name in ("nearest", "bicubic"):
+                assert row["trained_steps"] == 0
             assert all(isinstance(row[k], float) for k in METRICS)
 
 
@@ -247,7 +251,7 @@ def test_diffst_set_routes_and_merges_options():
     # the override dicts merge into the budget's: the quick budget's distillation head stays on
     res = DiffusionMethod(**parse_diffst_set(["use_align=true", "adv_weight=0.01"])).resolved_knobs("quick")
     assert res["model_overrides"] == {"distill": True, "use_align": True}
-    assert res["train_overrides"] == {"time_limit_s": 300.0, "lr": 5e-4, "adv_weight": 0.01}
+    assert res["train_overrides"] == {"lr": 5e-4, "adv_weight": 0.01}
 
 
 def test_cli_diffst_set_options_row(tmp_path, capsys):
@@ -285,7 +289,7 @@ def test_diffst_regression_prior_is_cross_fitted(monkeypatch):
     from napari_diffst.baselines import HisToSGEStyle
 
     monkeypatch.setitem(HisToSGEStyle.BUDGETS, "tiny", {**HisToSGEStyle.BUDGETS["tiny"], "steps": 5,
-                                                         "max_seconds": 5, "val_every": 5})
+                                                         "val_every": 5})
     train = [make_toy_field(i) for i in (1, 2)]
     before = [f.lr_upsampled(3).copy() for f in train]
     m = DiffusionMethod(prior="histosge", model_overrides={"use_cigc": False})  # toy fields: no counts

@@ -125,7 +125,7 @@ def test_diffst_cell_prior_and_the_ablation_without_it(monkeypatch):
     from napari_diffst.baselines import HisToSGEStyle
 
     monkeypatch.setitem(HisToSGEStyle.BUDGETS, "tiny", {**HisToSGEStyle.BUDGETS["tiny"], "steps": 5,
-                                                         "max_seconds": 5, "val_every": 5})
+                                                         "val_every": 5})
     rng = np.random.default_rng(0)
     train = [_with_cells(make_toy_field(i), rng) for i in (1, 2)]
     val, test = _with_cells(make_toy_field(10), rng), _with_cells(make_toy_field(0), rng)

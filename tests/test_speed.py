@@ -10,7 +10,7 @@ from napari_diffst import cli
 from napari_diffst.speed import bench_speed, format_speed, validate_speed
 
 #: CI-size: a tiny network, a 600 µm synthetic section (30 × 30 HR px at 5×), a few training steps
-MINI = dict(size_um=600.0, n_genes=3, train_steps=4, time_limit_s=30.0, respaced_steps=20, curve=[5], n_samples=1,
+MINI = dict(size_um=600.0, n_genes=3, train_steps=4, respaced_steps=20, curve=[5], n_samples=1,
             tp_batch=2, tp_tile=16, tp_reps=1)
 
 

@@ -769,6 +769,13 @@ def test_her2st_c2_flow(shown_viewer, qtbot, tmp_path, her2st_dir, isolated_sett
     assert fld.hr is None and fld.hr_um == pytest.approx(200 / 3, rel=1e-3) and fld.hr_shape == (51, 60)
     sr = sm.layers_for("sr")
     assert [ly.metadata["gene"] for ly in sr] == ["ERBB2", "KRT19", "MGP"]
+    # true to the spots: the report is computed after Sample, shown in the dock and kept with the layers
+    rep = sm.result.report
+    assert rep is not None and rep["n_spots"] == 187
+    assert rep["spot_pcc"] >= 0.95 and abs(rep["spot_bias"]) <= 0.05 and rep["masked_in_spots"] < 0.05
+    txt = sm.report_text.text()
+    assert txt.startswith("True to the spots (187)") and f"PCC {rep['spot_pcc']:.3f}" in txt and "lattice" in txt
+    assert all(ly.metadata["spot_report"] is rep for ly in sr)
     e_sr, e_sp = sr[0].extent.world, spots.extent.world
     # the SR raster covers the spots (± one LR pixel) in µm
     assert np.all(np.abs(e_sr - e_sp) < 200 + sample.spot_diameter_um)
@@ -791,6 +798,7 @@ def test_her2st_c2_flow(shown_viewer, qtbot, tmp_path, her2st_dir, isolated_sett
     sm.run_btn.click()
     wait_idle(qtbot, sm)
     assert sm.mode == "degrade" and sm.result.field.hr is not None
+    assert sm.result.report is None and sm.report_text.text() == ""  # no spots to be true to on the benchmark grid
     cmp_.run_btn.click()
     wait_idle(qtbot, cmp_)
     vals = cmp_.table_values()

@@ -146,6 +146,10 @@ def cmd_sample(args) -> int:
         if fmt != "ome-zarr":
             raise DataFormatError(args.out, f"this section needs tiled sampling ({plan.describe()}), which writes "
                                   f"OME-Zarr tile by tile, not {fmt}", "an .ome.zarr output")
+        if getattr(args, "report", None):
+            raise DataFormatError(args.report, f"--report on tiled sampling ({plan.describe()}): tiled whole-slide "
+                                  "maps are not projected onto the spots yet, so there is no spot report",
+                                  "--report on a section small enough to sample untiled")
         return _sample_tiled(args, model, sample, genes, scale, gene_scale, plan)
     field, mode = _field_for(sample, genes, scale, gene_scale, mode, he_per_hr=model.config["he_per_hr"])
     print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× "
@@ -165,6 +169,11 @@ def cmd_sample(args) -> int:
                             "hr_um": field.hr_um, "units": "log1p(CP10k)", "hr_affine_px": A.tolist(),
                             "um_per_px_fullres": field.um_per_px, "seconds": secs,
                             "gene_scale": [float(x) for x in gene_scale]}}
+    if res.report is not None:  # true to the spots (native): the figures travel with the maps
+        md["napari_diffst"]["spot_report"] = res.report
+        _print_report(res.report, sample.name)
+    if getattr(args, "report", None):
+        _write_report(args.report, sample.name, res.report, mode)
     shown = ~outside[0]
     write_maps(args.out, np.where(outside, np.nan, res.mean * gs), genes, field.hr_um, fmt=fmt, mask=shown,
                extra_channels={"uncertainty": np.where(outside, np.nan, res.std * gs)}, metadata=md,
@@ -172,6 +181,24 @@ def cmd_sample(args) -> int:
     print(f"wrote {args.out} as {fmt} ({len(genes)} genes + uncertainty, {field.hr_shape[0]}×{field.hr_shape[1]} px at "
           f"{field.hr_um:.4g} µm) in {secs:.1f} s")
     return 0
+
+
+def _print_report(rep: dict, name: str) -> None:
+    from .spot_consistency import REPORT_KEYS
+
+    print(f"true to the spots ({name}): " + ", ".join(f"{k} {rep[k]}" for k in REPORT_KEYS), file=sys.stderr)
+
+
+def _write_report(path, name: str, rep: dict | None, mode: str) -> None:
+    """``--report``: the true-to-the-spots figures per section as JSON (``{"sections": {name: {...}}}``)."""
+    if rep is None:
+        raise DataFormatError(path, f"no spot report for mode {mode!r}: the figures are measured against the "
+                              "section's own spots at native resolution", "--mode native (or auto on a section "
+                              "without HR truth), untiled")
+    doc = {"sections": {name: rep}}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(doc, indent=2))
+    print(f"wrote {path}", file=sys.stderr)
 
 
 def _sample_tiled(args, model, sample, genes, scale, gene_scale, plan) -> int:
@@ -282,6 +309,9 @@ def add_commands(sub) -> None:
     s.add_argument("--max-untiled-mb", type=float, default=None,
                    help="memory budget (MiB) of untiled sampling; above it tiles are used automatically "
                         "(default: 192, the largest H&E raster built in memory)")
+    s.add_argument("--report", default=None, metavar="JSON",
+                   help="write the true-to-the-spots figures (spot_pcc, spot_bias, alike_maps, alike_spots, lattice, "
+                        "masked_in_spots) of the native maps as JSON; they also go into the OME-Zarr metadata")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="score super-resolved maps against HR truth")

@@ -3,9 +3,11 @@
 Every baseline is a class with
 
 * ``fit(train_fields, val_field=None, seed=0, budget='quick') -> self`` — ``budget`` is ``'tiny'``
-  (tests), ``'quick'`` (≤ 1.5 min of training on 2 CPU cores: step counts plus a wall-clock cap
-  ``max_seconds``; the learning-rate schedule follows whichever runs out first), ``'full'``, or a dict
-  overriding entries of the class's ``BUDGETS`` table (unset entries come from ``'quick'``);
+  (tests), ``'quick'`` (about 1.5 min of training on 2 CPU cores), ``'full'``, or a dict
+  overriding entries of the class's ``BUDGETS`` table (unset entries come from ``'quick'``).  Budgets
+  count optimiser steps and samples, never seconds: training always runs its ``steps`` and the
+  learning-rate schedule follows the step count, so a seed gives the same model at any machine load.
+  After ``fit`` each learned baseline has ``trained_steps_`` (total optimiser steps run);
 * ``predict(field) -> (G, H, W)`` float32 in model units on the field's HR grid (``H = h·s`` with
   ``s = field.scale``).  Pixels outside ``field.hr_mask`` are set to 0 (``mask_output=True``).
 
@@ -50,7 +52,6 @@ Torch models use the process's torch thread setting; pass ``num_threads`` to set
 from __future__ import annotations
 
 import copy
-import time
 import warnings
 
 import numpy as np
@@ -193,11 +194,9 @@ def _resolve_budget(table: dict, budget) -> dict:
     return dict(table[budget])
 
 
-def _lr_factor(step: int, steps: int, t0: float, max_seconds: float, warmup: float = 0.05) -> float:
-    """Warm-up + cosine learning-rate factor on progress = max(step fraction, time fraction), so a
-    run cut short by ``max_seconds`` still anneals."""
-    prog = max(step / max(steps, 1), (time.monotonic() - t0) / max(max_seconds, 1e-9))
-    prog = min(prog, 1.0)
+def _lr_factor(step: int, steps: int, warmup: float = 0.05) -> float:
+    """Warm-up + cosine learning-rate factor on the step fraction ``step / steps`` (no clock)."""
+    prog = min(step / max(steps, 1), 1.0)
     if prog < warmup:
         return max(prog / warmup, 0.05)
     return 0.5 * (1 + np.cos(np.pi * (prog - warmup) / (1 - warmup))) * 0.98 + 0.02
@@ -403,9 +402,9 @@ class IStarStyle(Baseline):
 
     name = "istar"
     BUDGETS = {
-        "tiny": {"steps": 200, "ensemble": 2, "finetune": 100, "lr": 3e-3, "blocks": 256, "max_seconds": 20},
-        "quick": {"steps": 1000, "ensemble": 3, "finetune": 400, "lr": 2e-3, "blocks": 512, "max_seconds": 60},
-        "full": {"steps": 6000, "ensemble": 5, "finetune": 2000, "lr": 1e-3, "blocks": 1024, "max_seconds": 1200},
+        "tiny": {"steps": 200, "ensemble": 2, "finetune": 100, "lr": 3e-3, "blocks": 256},
+        "quick": {"steps": 1000, "ensemble": 3, "finetune": 400, "lr": 2e-3, "blocks": 512},
+        "full": {"steps": 6000, "ensemble": 5, "finetune": 2000, "lr": 1e-3, "blocks": 1024},
     }
 
     def __init__(self, hidden: int = 64, transductive: bool = True, context_sigmas=(1.0, 2.0),
@@ -450,17 +449,16 @@ class IStarStyle(Baseline):
                              nn.Linear(self.hidden, self.hidden), nn.LeakyReLU(0.1),
                              nn.Linear(self.hidden, G))
 
-    def _train(self, model, data, steps, lr, n_blocks, rng, t_end):
+    def _train(self, model, data, steps, lr, n_blocks, rng):
         torch = _torch()
         X, b, T = data
         Xt, bt, Tt = torch.from_numpy(X), torch.from_numpy(b), torch.from_numpy(T)
         nb = len(T)
         opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=1e-5)
-        t0, max_s = time.monotonic(), max(t_end - time.monotonic(), 1e-3)
         model.train()
         for step in range(steps):
             for gr in opt.param_groups:
-                gr["lr"] = lr * _lr_factor(step, steps, t0, max_s)
+                gr["lr"] = lr * _lr_factor(step, steps)
             if nb > n_blocks:
                 sel = np.sort(rng.choice(nb, n_blocks, replace=False))
                 remap = np.full(nb, -1, np.int64)
@@ -476,8 +474,6 @@ class IStarStyle(Baseline):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            if time.monotonic() > t_end:
-                break
         model.eval()
         return model
 
@@ -501,12 +497,12 @@ class IStarStyle(Baseline):
         data = self._concat(self.train_sets_)
         bud = self.budget_
         self.models_, self.seed_ = [], seed
-        for e in range(bud["ensemble"]):  # each member gets an equal share of the time budget
+        self.trained_steps_ = int(bud["ensemble"]) * int(bud["steps"])  # plus ``finetune`` per member in predict
+        for e in range(bud["ensemble"]):
             torch.manual_seed(seed * 1000 + e)
             rng = np.random.default_rng(seed * 1000 + e)
             m = self._mlp(data[0].shape[1], len(self.genes_))
-            t_end = time.monotonic() + bud["max_seconds"] / bud["ensemble"]
-            self.models_.append(self._train(m, data, bud["steps"], bud["lr"], bud["blocks"], rng, t_end))
+            self.models_.append(self._train(m, data, bud["steps"], bud["lr"], bud["blocks"], rng))
         return self
 
     def predict(self, field) -> np.ndarray:
@@ -527,8 +523,7 @@ class IStarStyle(Baseline):
                 data = self._concat(self.train_sets_ + [own] * max(1, len(self.train_sets_)))
                 rng = np.random.default_rng(self.seed_ * 1000 + e + 7)
                 torch.manual_seed(self.seed_ * 1000 + e + 7)
-                m = self._train(m, data, bud["finetune"], bud["lr"] * 0.5, bud["blocks"], rng,
-                                time.monotonic() + 0.5 * bud["max_seconds"] / len(self.models_))
+                m = self._train(m, data, bud["finetune"], bud["lr"] * 0.5, bud["blocks"], rng)
             with torch.no_grad():
                 preds.append(m(torch.from_numpy(Fh)).numpy())
         P = np.mean(preds, 0).T.reshape(field.G, *field.hr_shape)
@@ -593,9 +588,9 @@ class UNetBaseline(Baseline):
     name = "unet"
     needs_hr_truth = True
     BUDGETS = {
-        "tiny": {"steps": 60, "batch": 8, "lr": 3e-3, "max_seconds": 20, "val_every": 30},
-        "quick": {"steps": 800, "batch": 16, "lr": 1e-3, "max_seconds": 90, "val_every": 100},
-        "full": {"steps": 8000, "batch": 32, "lr": 5e-4, "max_seconds": 3600, "val_every": 500},
+        "tiny": {"steps": 60, "batch": 8, "lr": 3e-3, "val_every": 30},
+        "quick": {"steps": 800, "batch": 16, "lr": 1e-3, "val_every": 100},
+        "full": {"steps": 8000, "batch": 32, "lr": 5e-4, "val_every": 500},
     }
 
     def __init__(self, channels: int = 16, patch_lr: int | None = None, num_threads: int | None = None,
@@ -634,13 +629,12 @@ class UNetBaseline(Baseline):
         from .metrics import pcc_per_gene
 
         best = _BestOnVal()
-        t0 = time.monotonic()
-        t_end = t0 + bud["max_seconds"]
         self.model_ = model
+        self.trained_steps_ = int(bud["steps"])
         for step in range(bud["steps"]):
             model.train()
             for gr in opt.param_groups:
-                gr["lr"] = bud["lr"] * _lr_factor(step, bud["steps"], t0, bud["max_seconds"])
+                gr["lr"] = bud["lr"] * _lr_factor(step, bud["steps"])
             pt = random_patches(fields, bud["batch"], p, rng)
             up, mu = self._inputs(pt.lr, pt.lr_mask, s)
             y = model(up, mu, torch.from_numpy(pt.he))
@@ -649,7 +643,7 @@ class UNetBaseline(Baseline):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            last = step == bud["steps"] - 1 or time.monotonic() > t_end
+            last = step == bud["steps"] - 1
             if val_field is not None and val_field.hr is not None and ((step + 1) % bud["val_every"] == 0 or last):
                 sc = np.nanmean(pcc_per_gene(self._predict_raw(val_field), val_field.hr, val_field.hr_mask))
                 best.update(sc, model)
@@ -758,9 +752,9 @@ class HisToSGEStyle(Baseline):
     name = "histosge"
     needs_hr_truth = True
     BUDGETS = {
-        "tiny": {"steps": 150, "batch": 128, "lr": 3e-3, "ensemble": 1, "max_seconds": 15, "val_every": 50},
-        "quick": {"steps": 1500, "batch": 256, "lr": 2e-3, "ensemble": 2, "max_seconds": 60, "val_every": 100},
-        "full": {"steps": 8000, "batch": 512, "lr": 1e-3, "ensemble": 4, "max_seconds": 1200, "val_every": 250},
+        "tiny": {"steps": 150, "batch": 128, "lr": 3e-3, "ensemble": 1, "val_every": 50},
+        "quick": {"steps": 1500, "batch": 256, "lr": 2e-3, "ensemble": 2, "val_every": 100},
+        "full": {"steps": 8000, "batch": 512, "lr": 1e-3, "ensemble": 4, "val_every": 250},
     }
 
     def __init__(self, radius: int = 2, dim: int = 32, hidden: int = 64, n_blocks: int = 2, heads: int = 4,
@@ -875,13 +869,11 @@ class HisToSGEStyle(Baseline):
             model = _histosge_module(feats.shape[1], N, len(self.genes_), self.dim, self.hidden, self.n_blocks,
                                      self.heads, self.use_lr)
             opt = torch.optim.AdamW(model.parameters(), lr=bud["lr"], weight_decay=self.weight_decay)
-            t0 = time.monotonic()
-            max_s = bud["max_seconds"] / bud["ensemble"]
             best, step = _BestOnVal(), 0
             for step in range(int(bud["steps"])):
                 model.train()
                 for gr in opt.param_groups:
-                    gr["lr"] = bud["lr"] * _lr_factor(step, bud["steps"], t0, max_s)
+                    gr["lr"] = bud["lr"] * _lr_factor(step, bud["steps"])
                 sel = rng.integers(0, n, int(min(bud["batch"], n)))
                 perm = perms[rng.integers(0, len(perms), len(sel))]
                 tok, v, l = self._batch(feats, valid, idx, lr, sel, perm)
@@ -889,7 +881,7 @@ class HisToSGEStyle(Baseline):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                last = step == bud["steps"] - 1 or time.monotonic() - t0 > max_s
+                last = step == bud["steps"] - 1
                 if use_val and ((step + 1) % bud["val_every"] == 0 or last):
                     p = self._predict_residual(model, val_field, val_arrays) + val_arrays[3]
                     sc = float(np.nanmean(pcc_per_gene(p, val_field.hr, val_field.hr_mask)))
@@ -900,6 +892,7 @@ class HisToSGEStyle(Baseline):
             model.eval()
             self.models_.append(model)
             self.steps_.append(step + 1)
+        self.trained_steps_ = int(sum(self.steps_))
         self.alpha_ = 1.0
         if use_val and self.shrink:
             r = np.mean([self._predict_residual(m, val_field, val_arrays) for m in self.models_], 0)

@@ -34,7 +34,11 @@ JSON (:func:`validate_result` checks it)::
 
     {"genes": [...], "scale": 2, "budget": "quick", "device": "cpu", "synthetic": false, "seed": 0,
      "meta": {...}, "sections": {"C6": {"n_spots": 178, "ceiling_pcc": 0.85,
-        "methods": {"diffst": {"pcc", "rmse", "ssim", "detail_pcc", "seconds", "peak_mb"}, ...}}}}
+        "methods": {"diffst": {"pcc", "rmse", "ssim", "detail_pcc", "seconds", "peak_mb", "trained_steps"},
+                    ...}}}}
+
+``trained_steps``: the optimiser steps the method's ``fit`` ran.  Budgets are step counts (no wall-clock
+cap anywhere), so with a seed the same machine gives the same scores at any load.
 
 ``--synthetic`` writes ``{"synthetic": true, "budget", "device", "seed", "scales": [5, 10], "meta",
 "runs": {"5": <the document above for 5×>, "10": ...}}``; every printed table is headed "SYNTHETIC".
@@ -66,8 +70,7 @@ __all__ = ["DIFFUSION_BUDGETS", "METHOD_NAMES", "METRICS", "Method", "DiffusionM
 #: ``model_preset``: network size (:data:`napari_diffst.pipeline.MODEL_PRESETS`; its training preset is
 #: 'quick' unless 'full'); ``steps``: training steps; ``batch_size``; ``lr_size``: LR pixels per patch side;
 #: ``sample_steps``: respaced reverse steps; ``n_samples``: samples averaged; ``sampler``: 'ddpm' | 'ddim';
-#: ``train_overrides``: extra :class:`~napari_diffst.train.TrainConfig` fields (``time_limit_s`` caps the
-#: training wall time); ``model_overrides``: extra model config entries.  Engine options (issue #8, off by
+#: ``train_overrides``: extra :class:`~napari_diffst.train.TrainConfig` fields; ``model_overrides``: extra model config entries.  Engine options (issue #8, off by
 #: default) are reached through these: ``model_overrides`` ``use_align``, ``gene_chunk`` / ``gene_chunk_train``,
 #: ``hist_features``, ``distill``; ``train_overrides`` ``adv_weight`` — on the command line with
 #: ``--diffst-set KEY=VALUE`` (:func:`parse_diffst_set`).
@@ -81,7 +84,7 @@ DIFFUSION_BUDGETS: dict[str, dict] = {
     # (session 3) the cell-level ridge prior (napari_diffst.prior) instead of the HisToSGE-style one
     # (C5: 0.677 → 0.685, 0.282 → 0.308)
     "quick": dict(model_preset="quick", steps=300, batch_size=4, lr_size=8, sample_steps=20, n_samples=4,
-                  sampler="ddpm", shrink=True, prior="cell", train_overrides=dict(time_limit_s=300.0, lr=5e-4),
+                  sampler="ddpm", shrink=True, prior="cell", train_overrides=dict(lr=5e-4),
                   model_overrides={"distill": True}),
     "full": dict(model_preset="full", steps=40000, batch_size=16, lr_size=16, sample_steps=250, n_samples=8,
                  sampler="ddpm", shrink=True, prior="cell", train_overrides={}, model_overrides={}),
@@ -103,7 +106,7 @@ METHOD_NAMES: tuple[str, ...] = ("diffst", "bicubic", "nearest", "tesla", "istar
 EXTRA_METHODS: tuple[str, ...] = ("histosge_cell",)
 #: Per-method metric keys in the JSON (in order).
 METRICS: tuple[str, ...] = ("pcc", "rmse", "ssim", "detail_pcc", "seconds", "peak_mb")
-_OPTIONAL_METHOD_KEYS = ("gpu_peak_mb",)
+_OPTIONAL_METHOD_KEYS = ("gpu_peak_mb", "trained_steps")
 _RUN_KEYS = ("genes", "scale", "budget", "device", "sections")
 _RUN_OPTIONAL = ("synthetic", "seed", "meta")
 _SYNTH_KEYS = ("synthetic", "budget", "device", "scales", "runs")
@@ -652,6 +655,7 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
                 method_knobs[name].setdefault("prior_scores", {})[nm] = dict(pr)
             row["seconds"] = round(fit_s + pred_s, 3)
             row["peak_mb"] = round(mem.increase_mb, 1)
+            row["trained_steps"] = trained_steps(method)
             if cuda:
                 row["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
             sections[nm]["methods"][name] = row
@@ -687,6 +691,14 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
         },
     }
     return out
+
+
+def trained_steps(method) -> int:
+    """Optimiser steps ``method``'s ``fit`` ran (0 for methods with nothing to train): the budget is a step
+    count, so this equals the budget's steps for every learned method, whatever the machine load."""
+    if getattr(method, "trainer", None) is not None:
+        return int(getattr(method.trainer, "step", 0))
+    return int(getattr(method, "trained_steps_", 0) or 0)
 
 
 def _jsonable_knobs(budget, names) -> dict | None:
@@ -930,7 +942,7 @@ def parse_diffst_set(items: Sequence[str] | None) -> dict:
 
     ``KEY`` is a knob of :data:`DIFFUSION_BUDGETS` (``steps``, ``sample_steps``, ``n_samples``, ...), a model
     config key (``use_align``, ``gene_chunk``, ``hist_features``, ``distill``, ... → ``model_overrides``) or a
-    :class:`~napari_diffst.train.TrainConfig` field (``adv_weight``, ``lr``, ``time_limit_s``, ... →
+    :class:`~napari_diffst.train.TrainConfig` field (``adv_weight``, ``lr``, ``warmup_steps``, ... →
     ``train_overrides``); ``model.KEY`` / ``train.KEY`` force the target.  ``VALUE`` is JSON (``true``, ``0.01``,
     ``[1, 2]``, ``"x"``) or else a plain string (``file:/path/model.pt``).  Values are validated here, before any
     data is loaded."""

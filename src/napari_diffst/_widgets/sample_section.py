@@ -38,6 +38,18 @@ PREVIEW_PX = 200
 
 
 
+def format_report(rep: dict) -> str:
+    """One line of the true-to-the-spots figures (:func:`napari_diffst.spot_consistency.spot_report`)."""
+    def f(k, fmt="{:.3f}"):
+        v = rep.get(k)
+        return "n/a" if v is None else fmt.format(v)
+
+    return (f"True to the spots ({rep.get('n_spots', 0)}): PCC {f('spot_pcc')} (min {f('spot_pcc_min')}), "
+            f"bias {f('spot_bias', '{:+.1%}')}, genes alike {f('alike_maps', '{:.2f}')} "
+            f"(spots {f('alike_spots', '{:.2f}')}), lattice {f('lattice', '{:.2f}')}, "
+            f"masked in spots {f('masked_in_spots', '{:.1%}')}")
+
+
 def gene_colormap(genes, gene) -> str:
     genes = list(genes)
     i = genes.index(gene) if gene in genes else 0
@@ -127,9 +139,17 @@ class SampleSection(Section):
         self.preview.setVisible(False)
         self.add_widget(self.preview)
         self.status = self.add_widget(StatusText("Train a model (section 4) or choose a checkpoint.", lines=2))
+        #: after a native Sample: how true the maps are to the section's own spots (spot_consistency.spot_report)
+        self.report_text = self.add_widget(StatusText("", lines=1))
+        self.report_text.setToolTip(
+            "True to the spots (native maps, no truth needed): each spot's disk averaged back in expression space "
+            "vs the spot (PCC, mean relative bias; the maps are projected so that they match), how alike the "
+            "genes' maps are vs the spots, the lattice imprint (|r| of a pixel's deviation from its cell mean with "
+            "the distance to the spot centre) and the share of spot-disk area masked out.")
 
         self.runner: JobRunner | None = None
         self.result = None
+        self.report = None
         self.field = None
         self.info = None
         self.mode = None
@@ -290,12 +310,17 @@ class SampleSection(Section):
         self._show_preview = False
         self.preview.setVisible(False)
 
+    def _show_report(self, rep: dict | None) -> None:
+        self.report = rep
+        self.report_text.setText(format_report(rep) if rep else "")
+
     def _show_result(self, res, data: dict | None = None):
         """Queue the result layers (added once the worker has finished). ``data``: the worker's
         :func:`.workers.result_layer_data` (masked maps and contrast limits; computed here without it)."""
         self.result = res
         fld = res.field
         genes = list(res.genes)
+        self._show_report(getattr(res, "report", None))
         if data is None:
             from .workers import result_layer_data
 
@@ -314,7 +339,8 @@ class SampleSection(Section):
             md = {"diffst_role": "sr", "gene": g, "genes": [g], "mask": data.get("mask", fld.hr_mask),
                   "units": "log1p(CP10k)",
                   "hr_um": fld.hr_um, "checkpoint": ck, "mode": self.mode, "steps": res.steps,
-                  "n_samples": res.n_samples, "diffst_frame": frame}
+                  "n_samples": res.n_samples, "diffst_frame": frame,
+                  "spot_report": getattr(res, "report", None)}
             self.queue.put(self._adder(mean[i], dict(name=f"{g} · Diff-ST", colormap=overlay_colormap(cmap),
                                                     contrast_limits=cl, blending=blend, opacity=OVERLAY_OPACITY,
                                                     visible=(i == 0), metadata=md,

@@ -652,6 +652,15 @@ def make_field(sample: Sample, genes: Sequence[str], scale: int = 2, mode: str =
         A_lr = raster.affine(1.0)
         hr_index = _hr_spot_index(raster, s)
         extra["lr_spot_index"] = lr_index
+        # the spots' own geometry and values (napari_diffst.spot_consistency): centres in HR (col, row), disk
+        # radius in HR px, log1p(CP10k) (n, G) — rows follow hr_spot_index
+        if spot_of_pseudo is None:
+            extra["spot_hr_cr"] = apply_affine(np.linalg.inv(A_hr), xy)
+            extra["spot_radius_hr"] = 0.5 * float(sample.spot_diameter_um) / hr_um
+        else:  # k×k binned squares: their centres, and the disk of the same area
+            extra["spot_hr_cr"] = apply_affine(np.linalg.inv(A_hr), apply_affine(A_lr, raster.spot_cr))
+            extra["spot_radius_hr"] = pitch_um / math.sqrt(math.pi) / hr_um
+        extra["spot_log1p"] = spot_vals
         hr_counts = C
         if mode == "native":
             hr = None

@@ -37,7 +37,9 @@ class TrainConfig:
     (0 = off), EMA of the weights with ``ema_decay`` (``ema_warmup``: decay min(d, (1+n)/(10+n))).
     Data: ``batch_size`` per process, ``lr_size`` LR pixels per patch side, ``upsample`` of the LR condition
     ('nearest' | 'bilinear'), ``augment``, ``min_valid``. Runtime: ``seed``, ``device``, ``amp`` (bf16 autocast,
-    CUDA only), ``log_every``, ``checkpoint_every``, ``out_dir``, ``time_limit_s``.
+    CUDA only), ``log_every``, ``checkpoint_every``, ``out_dir``, ``time_limit_s``
+    (opt-in interactive stop after that many seconds; off by default — budgets are ``steps``, and neither the
+    benchmark nor any test sets it, so a seed trains the same model at any machine load).
     Adversarial (HaDM-ST channel-aware, :mod:`napari_diffst.model.adversarial`): ``adv_weight`` > 0 adds
     ``adv_weight`` × the per-gene discriminator's generator loss to the diffusion loss and trains the
     discriminator alternately (Adam, ``adv_lr`` — default ``lr`` —, betas ``adv_betas``, ``adv_hidden`` channels,
