@@ -68,6 +68,8 @@ FORMATS = {
     "legacy_st": "legacy Spatial Transcriptomics (counts .tsv + spot file + H&E)",
     "h5ad": "AnnData .h5ad with obsm['spatial']",
     "image": "histology image",
+    "merscope": "Vizgen MERSCOPE region folder (detected_transcripts.csv + images/)",
+    "xenium": "10x Xenium output bundle (experiment.xenium)",
 }
 
 #: Space Ranger defines ``spot_diameter_fullres`` as the pixels spanning a *theoretical 65 µm* spot
@@ -392,6 +394,13 @@ def detect_format(path) -> str | None:
 def _detect(p: Path) -> str | None:
     if not p.exists():
         return None
+    from .merscope import is_merscope  # imaging-based ST: one module per format
+    from .xenium import is_xenium
+
+    if is_xenium(p):
+        return "xenium"
+    if is_merscope(p):
+        return "merscope"
     if p.is_dir():
         if _resolve_hd_dir(p, strict=False) is not None:
             return "visium_hd"
@@ -431,9 +440,13 @@ def read(path, **kwargs) -> Sample:
         raise DataFormatError(
             p, "not a recognised spatial-transcriptomics dataset or histology image",
             "a Space Ranger outs folder, a Visium HD square_XXXum folder, a legacy ST folder (counts .tsv + "
-            "spot/selection .tsv + H&E), an .h5ad with obsm['spatial'], or a TIFF/SVS/JPEG/PNG image")
+            "spot/selection .tsv + H&E), an .h5ad with obsm['spatial'], a MERSCOPE region folder, a Xenium output folder, or a "
+            "TIFF/SVS/JPEG/PNG image")
+    from .merscope import read_merscope
+    from .xenium import read_xenium
+
     reader = {"visium": read_visium, "visium_hd": read_visium_hd, "legacy_st": read_legacy_st,
-              "h5ad": read_h5ad, "image": read_image}[fmt]
+              "h5ad": read_h5ad, "image": read_image, "merscope": read_merscope, "xenium": read_xenium}[fmt]
     return reader(p, **kwargs)
 
 
