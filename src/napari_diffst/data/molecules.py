@@ -37,13 +37,14 @@ def drop_controls(genes) -> tuple[np.ndarray, dict]:
     return ~ctrl, {"n_control_probes": int(ctrl.sum()), "control_probes": [n for n, c in zip(names, ctrl) if c][:20]}
 
 
-def bin_counts(x, y, gene_codes, n_genes: int, *, origin, bin_size: float, shape: tuple[int, int]
-               ) -> tuple[sp.csr_matrix, np.ndarray]:
+def bin_counts(x, y, gene_codes, n_genes: int, *, origin, bin_size: float, shape: tuple[int, int],
+               weights=None) -> tuple[sp.csr_matrix, np.ndarray]:
     """Counts per square bin: ``(bins × genes CSR, inside)``.
 
     ``origin`` (x0, y0) is the top-left corner of bin (0, 0), ``bin_size`` the bin side (same units as x, y),
     ``shape`` (rows, cols). Bin ``r * cols + c`` holds the molecules with ``x0 + c·b <= x < x0 + (c+1)·b`` (and the
-    same for rows/y). ``inside`` marks the molecules that fell in a bin; the others are not counted."""
+    same for rows/y). ``inside`` marks the molecules that fell in a bin; the others are not counted. ``weights``:
+    integer counts per entry (cells' counts at their centroids) instead of one per molecule."""
     x = np.asarray(x, np.float64)
     y = np.asarray(y, np.float64)
     g = np.asarray(gene_codes, np.int64)
@@ -52,7 +53,8 @@ def bin_counts(x, y, gene_codes, n_genes: int, *, origin, bin_size: float, shape
     r = np.floor((y - float(origin[1])) / float(bin_size)).astype(np.int64)
     inside = (c >= 0) & (c < W) & (r >= 0) & (r < H) & (g >= 0) & (g < n_genes)
     idx = r[inside] * W + c[inside]
-    M = sp.csr_matrix((np.ones(int(inside.sum()), np.int64), (idx, g[inside])), shape=(H * W, int(n_genes)))
+    w = np.ones(int(inside.sum()), np.int64) if weights is None else np.asarray(weights, np.int64)[inside]
+    M = sp.csr_matrix((w, (idx, g[inside])), shape=(H * W, int(n_genes)))
     M.sum_duplicates()
     return M, inside
 
