@@ -14,13 +14,14 @@ Protocol (docs/benchmark.md, "Real HR truth")
   square), so both are log counts per HR-square area.  No per-bin library normalisation: at 5–10 µm most HR
   squares hold 0–3 molecules of a gene and a handful in total, and dividing by such a library (CP10k) turns
   one molecule into a huge value; empty HR squares inside the tissue are kept as true zeros.
-* Tissue: LR squares whose total molecule count (all genes) is at least ¼ of the median over non-empty
+* Tissue: LR squares whose total molecule count (all genes) is at least 1/10 of the median over non-empty
   squares and (with an image) whose nuclear-stain tissue mask covers ≥ ¼ of the square; HR squares inherit
   their LR square's mask.
 * Genes: the ``n_genes`` most abundant genes by total LR count of the region (the LR is what a user has).
 * Spatial folds: the LR grid is cut into ``folds`` stripes across its longer axis.  For each fold every method
   is fitted on the other stripes (split into two training fields; the second one also serves as the
-  validation field, so no held-out stripe is ever seen) and predicts the held stripe.  The held-out
+  validation field, so no held-out stripe is ever seen) and predicts the whole region from its LR (a user has
+  the LR everywhere), of which only the held stripe is kept.  The held-out
   predictions are put together into one map of the whole region, which is scored once (pooled over folds).
 * Supervised (default, the paper's setting): training fields carry their HR truth.  ``--self-supervised``: no
   method sees any HR truth: each training field is made by aggregating its LR further (HR := the LR squares,
@@ -107,7 +108,9 @@ def _image_tissue_fraction(sample, origin, lr_px, shape) -> np.ndarray | None:
     if img is None:
         return None
     thumb, f = img.thumbnail(1024)
-    m = tissue_mask(thumb).astype(np.float32)
+    from .data.fluorescence import image_modality
+
+    m = tissue_mask(thumb, modality=image_modality(img)).astype(np.float32)
     h, w = shape
     out = np.zeros((h, w), np.float32)
     fr = float(getattr(img, "fullres_per_px", 1.0) or 1.0)
@@ -138,8 +141,12 @@ def truth_grid(sample, lr_um: float, scale: int) -> TruthGrid:
     if sample.image is not None:  # keep the grid on the image
         H_img, W_img = sample.image.shape
         fr = float(getattr(sample.image, "fullres_per_px", 1.0) or 1.0)
-        x0, y0 = max(x0, 0.0), max(y0, 0.0)
-        x1, y1 = min(float(x.max()), W_img * fr), min(float(y.max()), H_img * fr)
+        W_e, H_e = W_img * fr, H_img * fr
+        # snap to the image edges when the molecules reach within one LR square of them
+        x0 = 0.0 if x0 < lr_px else x0
+        y0 = 0.0 if y0 < lr_px else y0
+        x1 = W_e if W_e - float(x.max()) < lr_px else float(x.max())
+        y1 = H_e if H_e - float(y.max()) < lr_px else float(y.max())
     else:
         x1, y1 = float(x.max()), float(y.max())
     w, h = int(math.floor((x1 - x0) / lr_px)), int(math.floor((y1 - y0) / lr_px))
@@ -154,7 +161,7 @@ def truth_grid(sample, lr_um: float, scale: int) -> TruthGrid:
     lr, _ = aggregate_bins(hr, (h * s, w * s), s)
     tot = np.asarray(lr.sum(axis=1)).ravel().reshape(h, w)
     nz = tot[tot > 0]
-    mask = tot >= 0.25 * (np.median(nz) if nz.size else 1.0)
+    mask = tot >= 0.1 * (np.median(nz) if nz.size else 1.0)
     frac = _image_tissue_fraction(sample, (x0, y0), lr_px, (h, w))
     if frac is not None:
         mask &= frac >= 0.25
@@ -278,7 +285,7 @@ def _crop_selfsup(d: _Dense, a: int, b: int, axis: int, name: str, gene_scale, k
     ox = g.origin_px[0] + (a * g.lr_px if axis == 1 else 0.0)
     oy = g.origin_px[1] + (a * g.lr_px if axis == 0 else 0.0)
     # HR values must be log1p(count per test-HR-square area): the LR count / s² (not rounded)
-    fld = _make_field(g.sample, name, d.genes, s, pad, pm, lr_sum, n_per, (ox, oy), g.lr_px, gene_scale, k,
+    fld = _make_field(g.sample, name, d.genes, s, pad, pm, lr_sum, lr_mask, n_per, (ox, oy), g.lr_px, gene_scale, k,
                       sp.csr_matrix(np.rint(d.lr[(slice(None), *sl)]).reshape(G, -1).T))
     fld.extra["self_supervised"] = True
     return fld
@@ -411,7 +418,13 @@ def run_truth_benchmark(truth: Sequence, *, lr_um: float = 50.0, scales: Sequenc
                     gs = _gene_scale(np.concatenate(hr_vals, axis=1))
                     train = [_crop_sup(d, ra, rb, axis, f"{smp.name}:train{fi}.{j}", gs, k)
                              for j, (ra, rb) in enumerate(pieces)]
-                test = _crop_sup(d, a, b, axis, f"{smp.name}:fold{fi}", gs, k)
+                # the held stripe is predicted from the whole region's LR (a user has the LR everywhere; only the
+                # stripe's HR truth is held out), and only its pixels are kept
+                train = [f for f in train if f.hr_mask.any()]  # pieces without tissue carry nothing to learn
+                if not train:
+                    raise DataFormatError(smp.provenance.get("path"), f"fold {fi}: no tissue outside the held "
+                                          "stripe", "tissue in every stripe (fewer --folds or a smaller --lr-um)")
+                test = _crop_sup(d, 0, n_across, axis, f"{smp.name}:fold{fi}", gs, k)
                 fold_data.append((train, train[-1], test, gs, (a, b)))
             # the whole region in each fold's units is assembled in expression units (× gene_scale)
             full_gs = np.ones(len(genes), np.float32)
@@ -449,14 +462,14 @@ def run_truth_benchmark(truth: Sequence, *, lr_um: float = 50.0, scales: Sequenc
                     secs += time.perf_counter() - t1 + cell_s
                     peak = max(peak, mem.increase_mb)
                     sl = (slice(None), *_sl(axis, a * s, b * s))
-                    pred_full[sl] = pred * gs[:, None, None]
+                    pred_full[sl] = (pred * gs[:, None, None])[sl]
                     if isinstance(method, DiffusionMethod):
                         n_s = max(int(method.knobs_.get("n_samples", 4)), 2)
                         smps = _diffusion_samples(method, test, n_s, seed)
                         if smps is not None:
                             if samples_full is None:
                                 samples_full = np.zeros((n_s, len(genes), *grid.hr_shape), np.float32)
-                            samples_full[(slice(None), *sl)] = smps * gs[None, :, None, None]
+                            samples_full[(slice(None), *sl)] = (smps * gs[None, :, None, None])[(slice(None), *sl)]
                         knobs_used[name] = dict(json.loads(json.dumps(method.knobs_, default=str)))
                         knobs_used[name].setdefault("trained_steps", {})[sec_name + f"/fold{fi}"] = int(
                             getattr(method.trainer, "step", 0))
