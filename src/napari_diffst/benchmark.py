@@ -990,6 +990,14 @@ def parse_diffst_set(items: Sequence[str] | None) -> dict:
 
 
 def cmd_benchmark(args) -> int:
+    if getattr(args, "truth", None):  # real HR truth from imaging-based ST (napari_diffst.truth_bench)
+        from .truth_bench import cmd_truth_benchmark
+
+        return cmd_truth_benchmark(args)
+    if isinstance(args.scale, list):  # --scale takes several values only with --truth
+        if len(args.scale) != 1:
+            raise DiffSTError("--scale takes one value here; several (--scale 5 10) only with --truth")
+        args.scale = args.scale[0]
     t0 = time.time()
     parse_methods(args.methods)  # fail before loading any data
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
@@ -1038,7 +1046,15 @@ def add_commands(sub) -> None:
                                               "is looked up beside the first one")
     b.add_argument("--val", help="validation section")
     b.add_argument("--test", nargs="+", help="test sections (each gets a table)")
-    b.add_argument("--scale", type=int, default=2, help="super-resolution factor (default 2: 2×2 spot blocks)")
+    b.add_argument("--scale", type=int, nargs="+", default=[2],
+                   help="super-resolution factor (default 2: 2×2 spot blocks); with --truth one or more (5 10)")
+    b.add_argument("--truth", nargs="+", default=None, metavar="DIR",
+                   help="imaging-based datasets (MERSCOPE region / Xenium folder) as real HR truth: LR = --lr-um "
+                        "squares, HR = lr-um/scale squares, spatial folds (see docs/benchmark.md)")
+    b.add_argument("--lr-um", type=float, default=50.0, help="with --truth: LR square side in µm (default 50)")
+    b.add_argument("--folds", type=int, default=2, help="with --truth: spatial stripes (default 2)")
+    b.add_argument("--self-supervised", action="store_true",
+                   help="with --truth: no method sees HR truth (training pairs from aggregating the LR further)")
     g = b.add_mutually_exclusive_group()
     g.add_argument("--n-genes", type=int, default=25, help="panel size chosen on the training sections")
     g.add_argument("--genes", help="comma-separated gene names instead of --n-genes")

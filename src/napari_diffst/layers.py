@@ -12,7 +12,7 @@ from .data.sample import Sample, xy_affine_to_napari
 
 __all__ = ["sample_to_layer_data", "spot_features", "histology_layer_data", "spots_layer_data",
            "default_display_gene", "overlay_colormap", "maps_layer_data", "GENE_COLORMAPS",
-           "OVERLAY_BLENDING", "OVERLAY_OPACITY"]
+           "OVERLAY_BLENDING", "OVERLAY_OPACITY", "fluorescence_layer_data", "molecules_layer_data"]
 
 #: colormaps given to genes in turn (the same gene keeps its colormap in the Sample and Compare views and
 #: when a written file is opened again); shown as :func:`overlay_colormap` (low values transparent)
@@ -67,9 +67,71 @@ def spot_features(sample: Sample, genes: list[str] | None = None, n_top: int = M
     return df
 
 
+#: Points layers of molecules show at most this many (a seeded random subsample; the full table stays in the core).
+MAX_DISPLAY_MOLECULES = 200_000
+
+
+def fluorescence_layer_data(sample: Sample):
+    """The morphology stain (channel 0, e.g. DAPI) as a greyscale image in µm, contrast from percentiles."""
+    img = sample.image
+    raw = getattr(img, "raw_levels", None)
+    levels = list(raw[0]) if raw else [lv for lv in img.levels]
+    lo, hi = (img.contrast[0] if getattr(img, "contrast", None) else (0.0, 255.0))
+    name = (getattr(img, "channel_names", None) or ["fluorescence"])[0]
+    s = sample.image_scale_um
+    data = levels if len(levels) > 1 else levels[0]
+    if len(levels) == 1 and not isinstance(data, np.ndarray) and max(data.shape[:2]) <= 8192:
+        data = np.asarray(data[:, :])  # small single-level mosaics: read once (napari needs an array)
+    return (
+        data,
+        {
+            "name": f"{sample.name} {name}",
+            "rgb": False,
+            "multiscale": len(levels) > 1,
+            "scale": (s, s),
+            "units": ("um", "um"),
+            "colormap": "gray",
+            "contrast_limits": (float(lo), float(hi)),
+            "metadata": {"diffst_role": "histology", "diffst_sample": sample, "um_per_px": s,
+                         "modality": "fluorescence", "channel": name},
+        },
+        "image",
+    )
+
+
+def molecules_layer_data(sample: Sample, max_points: int = MAX_DISPLAY_MOLECULES, seed: int = 0):
+    """Transcripts as a Points layer in µm with ``gene`` in features (a seeded subsample above ``max_points``)."""
+    mol = sample.molecules
+    n = len(mol)
+    idx = np.arange(n)
+    if n > max_points:
+        idx = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
+    yx = np.c_[mol["y"].to_numpy()[idx], mol["x"].to_numpy()[idx]]
+    feats = pd.DataFrame({"gene": mol["gene"].iloc[idx].reset_index(drop=True)})
+    return (
+        yx,
+        {
+            "name": f"{sample.name} transcripts",
+            "size": 1.5 / sample.um_per_px,
+            "scale": (sample.um_per_px, sample.um_per_px),
+            "affine": xy_affine_to_napari(sample.transform, sample.um_per_px),
+            "units": ("um", "um"),
+            "features": feats,
+            "face_color": "gene",
+            "border_width": 0.0,
+            "opacity": 0.9,
+            "metadata": {"diffst_role": "molecules", "diffst_sample": sample, "n_total": int(n),
+                         "n_shown": int(len(idx))},
+        },
+        "points",
+    )
+
+
 def histology_layer_data(sample: Sample):
     if sample.image is None:
         return None
+    if getattr(sample.image, "modality", None) == "fluorescence":
+        return fluorescence_layer_data(sample)
     data, multiscale = sample.image.napari_data()
     s = sample.image_scale_um
     return (
@@ -115,6 +177,8 @@ def sample_to_layer_data(sample: Sample, gene: str | None = None) -> list[tuple]
         out.append(h)
     if sample.n_spots:
         out.append(spots_layer_data(sample, gene))
+    if getattr(sample, "molecules", None) is not None and len(sample.molecules):
+        out.append(molecules_layer_data(sample))
     return out
 
 

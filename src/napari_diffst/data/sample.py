@@ -331,6 +331,9 @@ class Sample:
     provenance : source files, reader, and notes.
     hr_truth : optional HR ground truth (synthetic sample / Visium HD), a dict with keys
         ``maps`` (G, H, W) float, ``genes`` list, ``um_per_px`` float, ``origin_px`` (x0, y0).
+    molecules : imaging-based platforms (MERSCOPE, Xenium): one row per decoded transcript, a DataFrame
+        with ``x``, ``y`` (full-res image px, the frame of ``obsm['spatial']``), ``gene`` (categorical;
+        control probes removed) and, when known, ``z``/``qv`` (:mod:`napari_diffst.data.molecules`).
     """
 
     adata: Any
@@ -343,6 +346,7 @@ class Sample:
     provenance: dict = field(default_factory=dict)
     hr_truth: dict | None = None
     lattice_pitch_um: float | None = None
+    molecules: Any = None
 
     def __post_init__(self):
         self.transform = np.asarray(self.transform, float).reshape(3, 3)
@@ -410,8 +414,13 @@ class Sample:
 
     def summary(self) -> str:
         shp = "no image" if self.image is None else f"image {self.image.shape[1]}×{self.image.shape[0]} px"
-        return (f"{self.name}: {self.technology}, {self.n_spots} spots × {self.adata.n_vars} genes, "
-                f"{shp}, {self.um_per_px:.4g} µm/px, spot Ø {self.spot_diameter_um:g} µm")
+        out = (f"{self.name}: {self.technology}, {self.n_spots} spots × {self.adata.n_vars} genes, "
+               f"{shp}, {self.um_per_px:.4g} µm/px, spot Ø {self.spot_diameter_um:g} µm")
+        if self.molecules is not None or "imaging" in self.adata.uns:  # imaging-based ST (MERSCOPE, Xenium)
+            from .molecules import describe_imaging
+
+            out += describe_imaging(self)
+        return out
 
     def __repr__(self) -> str:  # dataclass repr would dump the AnnData
         return f"Sample({self.summary()})"

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from ..data.sample import Sample
 from ..errors import DataFormatError
-from . import h5ad, images, legacy_st, spatialdata, visium, visium_hd
+from . import h5ad, images, legacy_st, merscope, spatialdata, visium, visium_hd, xenium
 from ._common import SCALE_TOL  # noqa: F401  (re-exported)
 from .h5ad import read_h5ad
 from .images import read_image
@@ -60,14 +60,14 @@ __all__ = [
 #: The format modules, in detection order (the first whose ``detect`` accepts a path reads it).
 #: More specific layouts come first: an HD bin folder is also a Space Ranger outs folder, and images
 #: are the fallback for single files.
-FORMAT_MODULES = (spatialdata, visium_hd, visium, legacy_st, h5ad, images)
+FORMAT_MODULES = (xenium, merscope, spatialdata, visium_hd, visium, legacy_st, h5ad, images)
 
 #: Human-readable names of the formats :func:`detect_format` returns.
 FORMATS = {m.FORMAT: m.DESCRIPTION for m in FORMAT_MODULES}
 
 _EXPECTED_ANY = ("a Space Ranger outs folder, a Visium HD square_XXXum folder, a legacy ST / STUtility folder "
                  "(counts '<id>.tsv' + spot table '<id>_selection.tsv' or 'alignment_table_<id>.tsv' with columns "
-                 "x, y, pixel_x, pixel_y + H&E image), an .h5ad with obsm['spatial'], a SpatialData zarr (image + spot circles + table), or a TIFF/SVS/JPEG/PNG image")
+                 "x, y, pixel_x, pixel_y + H&E image), an .h5ad with obsm['spatial'], a SpatialData zarr (image + spot circles + table), a MERSCOPE region folder, a Xenium output folder, or a TIFF/SVS/JPEG/PNG image")
 
 
 def _module_for(p: Path):
