@@ -35,6 +35,16 @@ TRAIN = ["train", "--data", "synthetic", "--scale", "4", "--n-genes", "3", "--bu
          "--lr-size", "4", "--seed", "3"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The subprocesses run one torch thread; bit-for-bit comparisons need the same here (float sums differ
+    with the thread count)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")

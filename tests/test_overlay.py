@@ -78,7 +78,8 @@ def _overlay_check(viewer, qtbot, smp, fld, m, name: str, low_frac: float = 0.2)
     place = raster_layer_kwargs(fld, "hr")
     viewer.reset_view()
     qtbot.wait(100)
-    shot = lambda: viewer.screenshot(canvas_only=True, flash=False)  # noqa: E731
+    # a fixed render size: a layer added to the list may resize the canvas between shots
+    shot = lambda: viewer.screenshot(canvas_only=True, flash=False, size=(800, 1000))  # noqa: E731
     base = shot().astype(float)
     ly = viewer.add_image(m, colormap=overlay_colormap("inferno"), contrast_limits=(0.0, hi), name=name,
                           blending="translucent", opacity=OVERLAY_OPACITY, units=("um", "um"), **place)

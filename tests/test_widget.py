@@ -420,7 +420,9 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
     rc = sr_ad.obs[["col", "row"]].to_numpy(float)
     np.testing.assert_allclose(sr_ad.obsm["spatial"], rc @ A[:2, :2].T + A[:2, 2])
     assert list(sr_ad.uns["spatial"]) == [w.state.sample.library_id] and "barcode" in sr_ad.obs
-    # an existing output is replaced only when the user says so
+    # an existing output is replaced only when the user says so (the last export above: maps.h5ad again)
+    cmp_.export_fmt.setCurrentIndex([cmp_.export_fmt.itemData(i) for i in range(cmp_.export_fmt.count())].index("h5ad"))
+    cmp_.ask_save_path = lambda *a: str(tmp_path / "maps.h5ad")
     asked = []
     cmp_.ask_replace = lambda p: asked.append(p) or False
     stamp = (tmp_path / "maps.h5ad").stat().st_mtime_ns

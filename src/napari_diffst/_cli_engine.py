@@ -131,6 +131,9 @@ def cmd_sample(args) -> int:
     if getattr(args, "tile", 0) and fmt != "ome-zarr":
         raise DataFormatError(args.out, f"--tile writes OME-Zarr tile by tile (bounded memory), not {fmt}",
                               "an .ome.zarr output with --tile, or no --tile for .h5ad/.ome.tif/SpatialData")
+    if getattr(args, "tile", 0) and getattr(args, "report", None):
+        raise DataFormatError(args.report, "--report with --tile: tiled whole-slide maps are not projected onto "
+                              "the spots yet, so there is no spot report", "--report without --tile")
     from .io.safety import refuse_existing
 
     refuse_existing(args.out, getattr(args, "overwrite", False))  # an existing output is replaced only if asked

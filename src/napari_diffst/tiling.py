@@ -416,7 +416,8 @@ def plan_sampling(sample, genes: Sequence[str], scale: int, *, gene_scale=None, 
         mode = "native"
         fld = bare(mode)
     if int(tile or 0) > 0:
-        t, ov = int(tile), int(16 if overlap is None else overlap)
+        t = int(tile)
+        ov = int(min(16, t // 4) if overlap is None else overlap)
     else:
         t, ov = auto_tile(he_per_hr)
         if overlap is not None:

@@ -913,6 +913,9 @@ def write_maps(path, maps, genes=None, um_per_px: float = 1.0, origin_um=(0.0, 0
                           metadata=metadata, frame=frame, affine_um=affine_um)
     from .spatialdata import write_spatialdata
 
+    if affine_um is not None:  # SpatialData places the maps by the section frame; its metadata keeps the grid's size
+        place = placement_of(path, affine_um=affine_um)
+        um_per_px, origin_um = place.um_per_px, place.origin
     return write_spatialdata(path, maps, genes, um_per_px, origin_um, mask=mask, extra_channels=extra_channels,
                              metadata=metadata, frame=frame)
 
