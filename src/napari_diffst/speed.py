@@ -523,7 +523,7 @@ def _main(argv: list[str]) -> int:  # python -m napari_diffst.speed memprobe '{j
     if len(argv) >= 2 and argv[0] == "memprobe":
         import torch
 
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
         print(json.dumps(memory_probe(**json.loads(argv[1]))))
         return 0
     print("usage: python -m napari_diffst.speed memprobe '{\"size_um\": 2000}'", file=sys.stderr)
