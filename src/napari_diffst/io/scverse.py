@@ -62,12 +62,14 @@ class SectionFrame:
     image: object = None
 
     @classmethod
-    def from_grid(cls, um_per_px_hr: float, origin_um=(0.0, 0.0), um_per_px: float = 1.0) -> "SectionFrame":
-        """A frame known only by its µm grid (``origin_um`` (y, x) of pixel (0, 0)'s centre); full-res pixels
-        are µm / ``um_per_px``."""
-        s = float(um_per_px_hr) / float(um_per_px)
-        A = np.array([[s, 0, origin_um[1] / um_per_px], [0, s, origin_um[0] / um_per_px], [0, 0, 1]], float)
-        return cls(hr_affine=A, um_per_px=float(um_per_px))
+    def from_placement(cls, place) -> "SectionFrame":
+        """A frame known only by a :class:`~napari_diffst.io.writers.Placement` (full-res pixels = µm): its
+        (row, col) → (y, x) affine, written as (col, row) → (x, y)."""
+        Ayx = np.asarray(place.affine, float)
+        A = np.eye(3)
+        A[:2, :2] = Ayx[:2, :2][::-1, ::-1]
+        A[:2, 2] = Ayx[:2, 2][::-1]
+        return cls(hr_affine=A, um_per_px=1.0)
 
     @classmethod
     def from_field(cls, fld, sample=None) -> "SectionFrame":

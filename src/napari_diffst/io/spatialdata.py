@@ -225,7 +225,7 @@ def write_spatialdata(path, maps, genes=None, um_per_px: float = 1.0, origin_um=
     ``frame`` (:class:`~napari_diffst.io.scverse.SectionFrame`) supplies the H&E, the spots and the grid's
     place in the section; without it only the maps and their table are written (full-res px = µm)."""
     from .scverse import SectionFrame, sr_anndata
-    from .writers import META_KEY, _check, _meta, atomic_path
+    from .writers import META_KEY, _check, _meta, atomic_path, pixel_mask
 
     path = Path(path)
     sd = _import(path)
@@ -233,16 +233,11 @@ def write_spatialdata(path, maps, genes=None, um_per_px: float = 1.0, origin_um=
     from spatialdata.transformations import Affine, Scale
 
     maps, genes, place, extra = _check(path, maps, genes, um_per_px, origin_um, extra_channels)
-    um, origin = place.um_per_px, place.origin
     maps = np.asarray(maps, np.float32)
     G, H, W = maps.shape
-    if mask is None:
-        mask = np.isfinite(maps).any(axis=0)
-    mask = np.asarray(mask, bool)
-    if mask.shape != (H, W):
-        raise DataFormatError(path, f"mask of shape {mask.shape} for maps of {(H, W)}", "a (Y, X) boolean mask")
+    mask = pixel_mask(path, maps, mask)
     if frame is None:
-        frame = SectionFrame.from_grid(um, origin)
+        frame = SectionFrame.from_placement(place)
     A = np.asarray(frame.hr_affine, float)
     to_cs = Affine(A, input_axes=("x", "y"), output_axes=("x", "y"))
     images = {"maps": Image2DModel.parse(np.where(mask[None], maps, np.nan).astype(np.float32), dims=("c", "y", "x"),

@@ -790,6 +790,16 @@ def _meta_placement(path, meta: dict, scale_yx, origin) -> Placement:
 # --------------------------------------------------------------------------------------------
 # AnnData (.h5ad)
 # --------------------------------------------------------------------------------------------
+def pixel_mask(path, maps: np.ndarray, mask=None) -> np.ndarray:
+    """The (Y, X) pixels a per-pixel writer keeps: ``mask``, checked against ``maps`` (G, Y, X), or the
+    pixels with any finite value."""
+    H, W = maps.shape[1:]
+    mask = np.isfinite(maps).any(axis=0) if mask is None else np.asarray(mask, bool)
+    if mask.shape != (H, W):
+        raise DataFormatError(path, f"mask of shape {mask.shape} for maps of {(H, W)}", "a (Y, X) boolean mask")
+    return mask
+
+
 def write_h5ad(path, maps, genes=None, um_per_px: float = 1.0, mask=None, origin_um=(0.0, 0.0), *,
                extra_channels: Mapping[str, object] | None = None, metadata: dict | None = None,
                frame=None, affine_um=None) -> Path:
@@ -810,18 +820,9 @@ def write_h5ad(path, maps, genes=None, um_per_px: float = 1.0, mask=None, origin
     maps, genes, place, extra = _check(path, maps, genes, um_per_px, origin_um, extra_channels, affine_um)
     maps = np.asarray(maps, np.float32)
     G, H, W = maps.shape
-    if mask is None:
-        mask = np.isfinite(maps).any(axis=0)
-    mask = np.asarray(mask, bool)
-    if mask.shape != (H, W):
-        raise DataFormatError(path, f"mask of shape {mask.shape} for maps of {(H, W)}", "a (Y, X) boolean mask")
+    mask = pixel_mask(path, maps, mask)
     if frame is None:
-        # no section: full-res pixels are µm; the placement's (row, col) -> (y, x) affine as (col, row) -> (x, y)
-        Ayx = np.asarray(place.affine, float)
-        A = np.eye(3)
-        A[:2, :2] = Ayx[:2, :2][::-1, ::-1]
-        A[:2, 2] = Ayx[:2, 2][::-1]
-        frame = SectionFrame(hr_affine=A, um_per_px=1.0)
+        frame = SectionFrame.from_placement(place)
     meta = _meta(genes, place, list(extra), metadata)
     meta["shape"] = [int(H), int(W)]
     adata = sr_anndata(maps, genes, mask, frame, extra=extra, meta=meta, meta_key=META_KEY)
