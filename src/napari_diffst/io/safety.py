@@ -21,6 +21,18 @@ from typing import Iterable, Iterator
 
 from ..errors import DiffSTError
 
+
+def remove_path(p: Path) -> bool:
+    """Remove a file, link or folder tree; False when there was nothing to remove."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+        return True
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
 __all__ = ["OutputExistsError", "DiskFullError", "refuse_existing", "move_aside", "dated_sibling", "write_errors",
            "recover_temps"]
 
@@ -137,12 +149,6 @@ def recover_temps(target) -> list[Path]:
         os.replace(olds.pop(), target)
     removed = []
     for q in tmps + olds:
-        if q.is_dir() and not q.is_symlink():
-            shutil.rmtree(q, ignore_errors=True)
-        else:
-            try:
-                q.unlink()
-            except FileNotFoundError:
-                continue
-        removed.append(q)
+        if remove_path(q):
+            removed.append(q)
     return removed

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 
 from ..errors import DataFormatError
+from .safety import remove_path
 
 __all__ = [
     "OmeZarrWriter",
@@ -70,13 +70,7 @@ _UNIT_TO_UM = {"micrometer": 1.0, "µm": 1.0, "um": 1.0, "micron": 1.0, "nanomet
 # atomic writes
 # --------------------------------------------------------------------------------------------
 def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        try:
-            p.unlink()
-        except FileNotFoundError:
-            pass
+    remove_path(p)
 
 
 def _stem(path: Path) -> str:
