@@ -399,6 +399,12 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
     # export: the three map formats and the CSV, read back
     from napari_diffst.io.writers import read_maps
 
+    # the partial output of an export that was killed earlier goes first (one notice), a user's dot-file stays
+    (tmp_path / ".tmp-0123abcd-maps.ome.zarr").mkdir()
+    (tmp_path / ".tmp-0123abcd-maps.ome.zarr" / "0").write_text("partial")
+    (tmp_path / ".tmp-mine-maps.ome.zarr").write_text("mine")
+    said = []
+    cmp_._say = said.append
     for fmt, name in (("ome-zarr", "maps.ome.zarr"), ("tiff", "maps.ome.tif"), ("h5ad", "maps.h5ad"),
                       ("spatialdata", "maps.sdata.zarr")):
         cmp_.export_fmt.setCurrentIndex([cmp_.export_fmt.itemData(i) for i in range(cmp_.export_fmt.count())].index(fmt))
@@ -413,6 +419,8 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
         assert np.allclose(m[:, shown], expect[:, shown], atol=1e-4)
         assert mf.um_per_px == pytest.approx(fld.hr_um)
         assert np.isnan(m[:, ~shown]).all()  # NaN outside the tissue, as in the CLI and tiled output
+    assert not (tmp_path / ".tmp-0123abcd-maps.ome.zarr").exists() and (tmp_path / ".tmp-mine-maps.ome.zarr").is_file()
+    assert len(said) == 1 and "removed 1 partial output left by a killed write (.tmp-0123abcd-maps.ome.zarr)" in said[0]
     import anndata as ad
 
     sr_ad = ad.read_h5ad(tmp_path / "maps.h5ad")      # the h5ad is in the section's frame (full-res px)

@@ -75,6 +75,10 @@ def cmd_train(args) -> int:
                              train_samples=samples, model_overrides=model_o, resume=resume, resume_check=True,
                              provenance={"data": [str(d) for d in args.data], "genes_from": "training data"},
                              **train_o)
+    if resume is not None:
+        note = trainer.match_checkpoint_threads()
+        if note:
+            print(note, file=sys.stderr)
     resolved = {
         "data": [str(d) for d in args.data], "scale": args.scale, "genes": list(genes),
         "gene_scale": [float(x) for x in gene_scale], "budget": args.budget, "seed": args.seed,
@@ -134,8 +138,10 @@ def cmd_sample(args) -> int:
     if getattr(args, "tile", 0) and getattr(args, "report", None):
         raise DataFormatError(args.report, "--report with --tile: tiled whole-slide maps are not projected onto "
                               "the spots yet, so there is no spot report", "--report without --tile")
-    from .io.safety import refuse_existing
+    from .io.safety import recover_temps, refuse_existing
 
+    # partial outputs of a killed earlier `sample --out` to this target go (a folder it had moved aside comes back)
+    recover_temps(args.out, log=lambda m: print(m, file=sys.stderr))
     refuse_existing(args.out, getattr(args, "overwrite", False))  # an existing output is replaced only if asked
     from .tiling import plan_sampling
 

@@ -372,6 +372,10 @@ class CompareSection(Section):
                                    QMessageBox.StandardButton.No)
         return ans == QMessageBox.StandardButton.Yes
 
+    def _say(self, line: str) -> None:
+        notify_info(line)
+        self.status.setText(line)
+
     def _may_write(self, path) -> bool:
         """False (and a notice) when ``path`` exists and the user does not want it replaced."""
         if not (Path(path).exists() or Path(path).is_symlink()) or self.ask_replace(path):
@@ -429,6 +433,10 @@ class CompareSection(Section):
 
         if not path.lower().endswith(OUTPUT_FORMATS[fmt]) and not (fmt == "spatialdata" and path.endswith(".zarr")):
             path += ext
+        from ..io.safety import recover_temps
+
+        # partial outputs of a killed earlier export to this path go (a folder it had moved aside comes back)
+        recover_temps(path, log=self._say)
         if not self._may_write(path):
             return
         try:

@@ -17,7 +17,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..errors import DiffSTError
 
@@ -34,7 +34,7 @@ def remove_path(p: Path) -> bool:
     return True
 
 __all__ = ["OutputExistsError", "DiskFullError", "refuse_existing", "move_aside", "dated_sibling", "write_errors",
-           "recover_temps"]
+           "recover_temps", "is_temp_of"]
 
 #: errno values that mean "the disk (or the user's quota) is full"
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG}
@@ -125,30 +125,64 @@ def write_errors(target, what: str = "file", previous: str | None = None) -> Ite
                                      f"choose another folder) and run again") from e
 
 
-def recover_temps(target) -> list[Path]:
+def is_temp_of(name: str, target_name: str) -> str | None:
+    """``'tmp'`` / ``'old'`` when ``name`` is a temporary the atomic writers make for ``target_name``, else None.
+
+    The writers (:func:`napari_diffst.io.writers.atomic_path`, :class:`~napari_diffst.io.writers.OmeZarrWriter`)
+    name them ``.tmp-XXXXXXXX-<target name>`` (the unfinished new version) and ``.old-XXXXXXXX-<target name>``
+    (the previous version while a folder is replaced), ``XXXXXXXX`` 8 lowercase hex digits of a random UUID; only
+    names of exactly that form match — never the target itself, another target's temporaries or a user's file
+    that merely starts with a dot."""
+    n = len(target_name)
+    if len(name) != 14 + n or name[13] != "-" or name[14:] != target_name:
+        return None
+    tag, mid = name[1:4], name[5:13]
+    if name[0] != "." or name[4] != "-" or tag not in ("tmp", "old") or any(c not in _HEX for c in mid):
+        return None
+    return tag
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def recover_temps(target, log: Callable[[str], None] | None = None) -> list[Path]:
     """Clean up after a write that was killed (SIGKILL, power loss) before it finished.
 
     The atomic writers leave hidden siblings ``.tmp-XXXXXXXX-<name>`` (an unfinished new version) and, while a
-    folder is being replaced, ``.old-XXXXXXXX-<name>`` (the previous version). If ``target`` is missing, the
-    newest ``.old`` sibling is moved back onto it; every other such sibling is removed. Returns the paths removed.
-    Call it only where one process owns ``target`` (e.g. a training run's checkpoint folder)."""
+    folder is being replaced, ``.old-XXXXXXXX-<name>`` (the previous version) — see :func:`is_temp_of`. If
+    ``target`` is missing, the newest ``.old`` sibling is moved back onto it; every other such sibling is removed.
+    Returns the paths removed; ``log(line)`` (when given and something was done) receives one line saying what.
+    Call it only where one process owns ``target`` (a training run's checkpoint folder, the output of one
+    ``sample`` command or one Export): another process's write in progress to the same target would lose its
+    temporary."""
     target = Path(target)
     parent, name = target.parent, target.name
     if not parent.is_dir():
         return []
     tmps, olds = [], []
     for q in parent.iterdir():
-        n = q.name
-        if len(n) > 14 and n[13] == "-" and n.endswith("-" + name) and len(n) == 14 + len(name):
-            if n.startswith(".tmp-"):
-                tmps.append(q)
-            elif n.startswith(".old-"):
-                olds.append(q)
+        tag = is_temp_of(q.name, name)
+        if tag == "tmp":
+            tmps.append(q)
+        elif tag == "old":
+            olds.append(q)
+    restored = None
     if olds and not (target.exists() or target.is_symlink()):
         olds.sort(key=lambda q: q.stat().st_mtime)
-        os.replace(olds.pop(), target)
+        restored = olds.pop()
+        os.replace(restored, target)
     removed = []
     for q in tmps + olds:
         if remove_path(q):
             removed.append(q)
+    if log is not None and (removed or restored is not None):
+        parts = []
+        for group, what in (([q for q in removed if q in tmps], "partial output"),
+                            ([q for q in removed if q not in tmps], "replaced version")):
+            if group:
+                parts.append(f"removed {len(group)} {what}{'s' if len(group) > 1 else ''} left by a killed write "
+                             f"({', '.join(q.name for q in group)})")
+        if restored is not None:
+            parts.append(f"put back the previous {name} that the killed write had moved aside")
+        log(f"{target}: " + "; ".join(parts))
     return removed

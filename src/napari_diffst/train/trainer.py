@@ -253,6 +253,7 @@ class Trainer:
         if cfg.adv_weight and cfg.adv_weight > 0:
             self._build_discriminator(mcfg)
         self.step = 0
+        self.checkpoint_threads: int | None = None  # set by load_state
         self.last_checkpoint: Path | None = None
         self._checked_batch = False
 
@@ -446,7 +447,9 @@ class Trainer:
                         train_config=self.config.to_dict(), diffusion_config=self.diffusion.config,
                         genes=self.genes, gene_scale=self.gene_scale, provenance=self.provenance,
                         rng_state=capture_rng_state(self.np_rng, self.gen),
-                        extra={"world_size": self.world_size}, discriminator=self.discriminator,
+                        extra={"world_size": self.world_size, "cpu_threads": torch.get_num_threads()
+                               if self.device.type == "cpu" else None},
+                        discriminator=self.discriminator,
                         disc_optimizer=self.disc_optimizer)
         self.last_checkpoint = directory
         return directory
@@ -465,6 +468,11 @@ class Trainer:
             if state.get("disc_optimizer") is not None:
                 self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         self.step = int(state.get("step", 0))
+        # CPU float results depend on torch's intra-op thread count (how sums are split): the run that wrote the
+        # checkpoint used this many; a resume with another count continues, but not bit for bit
+        # (:meth:`match_checkpoint_threads`). None for checkpoints written before it was recorded.
+        saved = (state.get("extra") or {}).get("cpu_threads")
+        self.checkpoint_threads = int(saved) if saved else None
         if self.genes is None and state.get("genes") is not None:
             self.genes = list(state["genes"])
         if self.gene_scale is None and state.get("gene_scale") is not None:
@@ -480,6 +488,18 @@ class Trainer:
                 self.gen.manual_seed(_seed_int(self.config.seed, self.rank, 1, self.step))
                 torch.manual_seed(_seed_int(self.config.seed, self.rank, 2, self.step))
 
+    def match_checkpoint_threads(self) -> str | None:
+        """On CPU, use the CPU thread count of the run that wrote the resumed checkpoint, so that the resumed run
+        ends with the uninterrupted run's weights bit for bit (float sums split over another number of threads
+        round differently). Process-wide (:func:`torch.set_num_threads`): for a process that owns the run, such as
+        ``napari-diffst train --resume``. Returns a one-line note when the count was changed, else None."""
+        want, now = getattr(self, "checkpoint_threads", None), torch.get_num_threads()
+        if self.device.type != "cpu" or not want or want == now:
+            return None
+        torch.set_num_threads(int(want))
+        return (f"using {want} CPU thread{'s' if want > 1 else ''} as the run that wrote the checkpoint did (this "
+                f"process had {now}), so the resumed run continues it bit for bit")
+
     @classmethod
     def from_checkpoint(cls, path, *, batch_fn=None, fields=None, builder=None, model=None,
                         overrides: dict | None = None, out_dir=None, should_stop=None, device=None, rank: int = 0,
@@ -487,7 +507,8 @@ class Trainer:
         """Resume a run from a checkpoint folder. ``overrides`` change config entries (e.g. ``{'steps': 5000}``
         to train longer — note the LR schedule and curriculum follow the new total); the network is rebuilt with
         ``builder(model_config)`` (default: the saved ``model_factory`` or ``napari_diffst.model.build_model``)
-        unless ``model`` is given. On CPU in one process, resuming continues bit-for-bit."""
+        unless ``model`` is given. On CPU, resuming continues bit-for-bit, in this process or another one, with the
+        thread count of the run that wrote the checkpoint (:meth:`match_checkpoint_threads`)."""
         state = read_checkpoint(path)
         cfgd = dict(state.get("train_config") or {})
         cfgd.update(overrides or {})
