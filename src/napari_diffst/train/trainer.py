@@ -255,6 +255,9 @@ class Trainer:
         self.step = 0
         self.last_checkpoint: Path | None = None
         self._checked_batch = False
+        #: saved as the checkpoint's ``method`` entry (set by :class:`napari_diffst.method.DiffST`: its prior,
+        #: shrink and knobs travel with every checkpoint, periodic ones included, so a resumed run keeps them)
+        self.method_state: dict | None = None
 
     def _build_discriminator(self, mcfg) -> None:
         from ..model.adversarial import GeneDiscriminator
@@ -447,7 +450,7 @@ class Trainer:
                         genes=self.genes, gene_scale=self.gene_scale, provenance=self.provenance,
                         rng_state=capture_rng_state(self.np_rng, self.gen),
                         extra={"world_size": self.world_size}, discriminator=self.discriminator,
-                        disc_optimizer=self.disc_optimizer)
+                        disc_optimizer=self.disc_optimizer, method=self.method_state)
         self.last_checkpoint = directory
         return directory
 
