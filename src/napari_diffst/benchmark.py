@@ -49,7 +49,6 @@ import gc
 import json
 import math
 import os
-import platform
 import sys
 import threading
 import time
@@ -311,30 +310,7 @@ def _device_type(device: str) -> tuple[str, str]:
     return dev.type, device_label(dev)
 
 
-def _loadavg() -> list | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _machine(device_label: str, load_start=None) -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        n_avail = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        n_avail = os.cpu_count()
-    return {"platform": platform.platform(), "cpu": cpu, "cpus_available": n_avail,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "accelerator": device_label,
-            "load_avg_at_start": load_start, "load_avg_at_end": _loadavg()}
+from .runinfo import loadavg as _loadavg, machine_info as _machine  # noqa: E402  (one home: runinfo)
 
 
 def _save_maps(path: Path, field, preds: dict, genes, scale: int, synthetic: bool) -> None:

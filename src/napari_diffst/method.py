@@ -193,6 +193,13 @@ class DiffST:
         return self.resolved_knobs(budget).get("prior") == "cell"
 
     # ------------------------------------------------------------------------------------------ features
+    def add_features(self, field, sample=None):
+        """The features this method's prior needs, on ``field`` (cell-level H&E features computed from ``sample``
+        when absent; nothing for a prior-less method); returns the field, modified in place."""
+        if not self.needs_cell_features() and getattr(self.prior_, "name", "") != "cell_ridge":
+            return field
+        return self._ensure_cells(field, sample)
+
     def _ensure_cells(self, field, sample=None):
         """Cell-level features on ``field`` (computed from ``sample`` when absent); the field, modified in place."""
         if field.extra.get("cell_features") is not None:
@@ -256,7 +263,17 @@ class DiffST:
         'cancelled', 'error').  ``train_samples``: the Samples the fields were made from (cell-level features
         are computed from them when the prior needs them and the fields lack them).  ``out_dir``: checkpoint
         folder (periodic checkpoints, and the final one with α); ``resume``: a checkpoint folder to continue
-        (its settings must be these: checked).  The shrink α is fitted after training, before 'done'."""
+        (its settings must be these: checked).  The shrink α is fitted after training, before 'done'.
+        Same as :meth:`prepare_fit` followed by :meth:`iter_train`."""
+        self.prepare_fit(train_fields, val_field, train_samples=train_samples, val_sample=val_sample,
+                         out_dir=out_dir, resume=resume, should_stop=should_stop, provenance=provenance)
+        yield from self.iter_train()
+
+    def prepare_fit(self, train_fields, val_field=None, train_samples=None, val_sample=None, out_dir=None,
+                    resume=None, should_stop=None, provenance: dict | None = None):
+        """Everything before the first training step (cell features, cross-fitted prior, the trainer — resumed
+        from ``resume`` when given); returns the :class:`~napari_diffst.train.Trainer` (``self.trainer``:
+        progress totals, ``cancel()``).  Then iterate :meth:`iter_train`."""
         from . import pipeline as P
 
         budget = self.budget
@@ -292,6 +309,13 @@ class DiffST:
                                       provenance=prov, should_stop=should_stop, resume=resume,
                                       resume_check=resume is not None, **dict(kn.get("train_overrides") or {}))
         self.trainer.method_state = self._method_state(with_prior=prior == "cell")  # periodic checkpoints too
+        self._fit_ctx = (val_field, kn, t0, out_dir)
+        return self.trainer
+
+    def iter_train(self) -> Iterator:
+        """The training loop of a :meth:`prepare_fit` (the trainer's events); α is fitted and the final checkpoint
+        (with it) written before 'done'."""
+        val_field, kn, t0, out_dir = self._fit_ctx
         last, next_print = None, 0.0
         for ev in self.trainer.iter_train():
             last = ev

@@ -25,11 +25,12 @@ BUDGETS = (("tiny", "tiny (tests, seconds)"), ("quick", "quick (CPU minutes)"), 
 
 
 def budget_default(budget: str, key: str) -> int:
-    """A budget's default (``steps``, ``batch_size``, ``lr_size``) from the training presets — the same the
-    CLI's ``train --budget`` uses (imported when asked: the presets' package loads torch)."""
-    from ..train.config import PRESETS
+    """A budget's default (``steps``, ``batch_size``, ``lr_size``): the Diff-ST method object's knobs
+    (:data:`napari_diffst.method.DIFFUSION_BUDGETS`) — the same the CLI's ``train --budget`` and the benchmark
+    use."""
+    from ..method import DIFFUSION_BUDGETS
 
-    return int(PRESETS[budget][key])
+    return int(DIFFUSION_BUDGETS[budget][key])
 #: labels of the "Histology features" box (model config ``hist_features``; napari_diffst.features)
 FEATURE_LABELS = {"learned": "learned (default)", "handcrafted": "handcrafted (colour + texture)",
                   "file": "pretrained model file…"}
