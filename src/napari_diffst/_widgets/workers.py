@@ -34,7 +34,7 @@ __all__ = ["Job", "train_job", "sample_job", "compare_job", "register_job", "sta
            "preview_rgba", "colormap_lut", "result_layer_data", "JobRunner",
            "GENE_COLORMAPS", "METRIC_COLUMNS"]
 
-from ..layers import GENE_COLORMAPS  # noqa: E402  (one home: layers.py)
+from ..layer_data import GENE_COLORMAPS  # noqa: E402  (one home: layer_data.py)
 #: (key in score_field's output, column title)
 METRIC_COLUMNS = (("pcc", "PCC"), ("rmse", "RMSE"), ("ssim", "SSIM"), ("detail_pcc", "detail-PCC"))
 
