@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         import napari
 
         from napari_diffst.io.writers import read_maps
-        from napari_diffst.layers import histology_layer_data
+        from napari_diffst.layer_data import histology_layer_data
 
         with tempfile.TemporaryDirectory() as tmp:
             zp = Path(tmp) / "tiled.ome.zarr"

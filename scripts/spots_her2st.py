@@ -4,6 +4,11 @@ then super-resolved natively; prints the report figures per section and scale an
     OMP_NUM_THREADS=1 python3 scripts/spots_her2st.py --scales 2 4 --n-genes 8 --steps 30 \\
         --out docs/spots_her2st.json
 
+``--method diffst``: the method object (:class:`napari_diffst.method.DiffST`: the budget's knobs — cell-level prior
+cross-fitted on stripes of the section, diffusion, shrink — with ``--steps`` / ``--sample-steps`` / ``--n-samples``
+overriding them) instead of the bare network (``--method network``, the default, which wrote
+docs/spots_her2st_8genes.json).
+
 Budgets are step counts (``--steps`` training steps, ``--sample-steps`` × ``--n-samples`` reverse steps), so the
 figures are reproducible with the seed.  Each row has the raw sampler mean's figures (``before_projection``) and
 those after the projection onto the spots (what ``napari-diffst sample`` writes).
@@ -34,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sample-steps", type=int, default=10)
     ap.add_argument("--n-samples", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--method", default="network", choices=["network", "diffst"])
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     rows, t_all = {}, time.perf_counter()
@@ -44,24 +50,39 @@ def main(argv=None) -> int:
         for s in a.scales:
             t0 = time.perf_counter()
             fields, gs = P.make_fields([smp], genes, s)  # degrade pairs from the section's own spots
-            tr = P.make_trainer(fields, budget=a.budget, steps=a.steps, seed=a.seed, device="cpu", train_samples=[smp])
-            for _ in tr.iter_train():
-                pass
+            extra = {}
+            if a.method == "diffst":
+                from napari_diffst.method import DiffST
+
+                m = DiffST(budget=a.budget, seed=a.seed, device="cpu", steps=a.steps, sample_steps=a.sample_steps,
+                           n_samples=a.n_samples).fit(fields, train_samples=[smp])
+                tr, net = m.trainer, m.model_
+                extra = {"method": "diffst", "prior": m.knobs_["prior"], "prior_folds": m.prior_folds_,
+                         "shrink_alpha": m.alpha_}
+            else:
+                tr = P.make_trainer(fields, budget=a.budget, steps=a.steps, seed=a.seed, device="cpu",
+                                    train_samples=[smp])
+                for _ in tr.iter_train():
+                    pass
+                net = tr.ema
             try:
                 nat = P.make_fields([smp], genes, s, mode="native", gene_scale=gs,
-                                    he_per_hr=tr.ema.config["he_per_hr"])[0][0]
+                                    he_per_hr=net.config["he_per_hr"])[0][0]
             except ValueError as exc:  # e.g. 8×: the training geometry's H&E sampling is too fine natively
                 rows.setdefault(name, {})[str(s)] = {"error": str(exc)}
                 print(f"{name:<8}{s:>6}  failed: {exc}", flush=True)
                 continue
-            res = P.super_resolve(tr.ema, nat, steps=a.sample_steps, n_samples=a.n_samples, seed=a.seed)
+            if a.method == "diffst":
+                res = m.predict(nat, sample=smp)
+            else:
+                res = P.super_resolve(net, nat, steps=a.sample_steps, n_samples=a.n_samples, seed=a.seed)
             rep = dict(res.report, trained_steps=int(tr.step), genes=list(genes),
-                       seconds=round(time.perf_counter() - t0, 1))
+                       seconds=round(time.perf_counter() - t0, 1), **extra)
             rows.setdefault(name, {})[str(s)] = rep
             print(f"{name:<8}{s:>6}" + "".join(f"{str(rep[k]):>16}" for k in REPORT_KEYS)
                   + f"{str(rep['before_projection']['spot_bias']):>15}", flush=True)
     doc = {"command": " ".join(["scripts/spots_her2st.py"] + (argv if argv is not None else sys.argv[1:])),
-           "budget": a.budget, "steps": a.steps, "sample_steps": a.sample_steps, "n_samples": a.n_samples,
+           "budget": a.budget, "method": a.method, "steps": a.steps, "sample_steps": a.sample_steps, "n_samples": a.n_samples,
            "seed": a.seed, "n_genes": a.n_genes, "total_seconds": round(time.perf_counter() - t_all, 1),
            "date": time.strftime("%Y-%m-%d"), "sections": rows}
     if a.out:

@@ -288,7 +288,7 @@ def test_registry_and_spec_parsing():
     import napari_diffst
 
     # the widget's list of names comes without importing torch
-    code = "import sys, napari_diffst.features as f; f.available_feature_extractors(); print('torch' in sys.modules)"
+    code = "import sys, napari_diffst.feature_names as f; f.available_feature_extractors(); print('torch' in sys.modules)"
     src = str(__import__("pathlib").Path(napari_diffst.__file__).parents[1])
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**__import__("os").environ, "PYTHONPATH": src})

@@ -55,7 +55,7 @@ def test_display_mask_without_an_image_is_the_hr_mask(synth):
 
 
 def test_overlay_colormap_fades_low_values():
-    from napari_diffst.layers import overlay_colormap
+    from napari_diffst.layer_data import overlay_colormap
 
     cm = overlay_colormap("inferno")
     a = cm.map(np.array([0.0, 0.1, 0.5, 1.0]))[:, 3]
@@ -70,7 +70,7 @@ def _overlay_check(viewer, qtbot, smp, fld, m, name: str, low_frac: float = 0.2)
     from conftest import save_screenshot
 
     from napari_diffst._widgets.workers import raster_layer_kwargs
-    from napari_diffst.layers import OVERLAY_OPACITY, histology_layer_data, overlay_colormap
+    from napari_diffst.layer_data import OVERLAY_OPACITY, histology_layer_data, overlay_colormap
 
     data, kw, _ = histology_layer_data(smp)
     he = viewer.add_image(data, **kw)

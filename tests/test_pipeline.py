@@ -213,12 +213,19 @@ def test_real_network_loss_falls_on_the_synthetic_sample(small):
 
 def test_budget_defaults_are_the_same_in_cli_and_dock(small):
     """``train --budget tiny`` and the dock's 'tiny' budget run the same number of steps with the same batch
-    (issue 17: the CLI ran 300 steps, the dock 20)."""
-    from napari_diffst._cli_engine import add_commands  # noqa: F401  (the CLI builds its trainer here)
-    from napari_diffst._widgets.train_section import budget_default
+    (issue 17: the CLI ran 300 steps, the dock 20), and both are the benchmark's (issue 13: one method object)."""
+    import argparse
 
-    _, _, fields, _ = small
-    for budget, steps in (("tiny", 20), ("quick", 300)):
-        cfg = P.make_trainer(fields, budget=budget).config
-        assert cfg.steps == budget_default(budget, "steps") == steps
-        assert cfg.batch_size == budget_default(budget, "batch_size")
+    from napari_diffst._cli_engine import add_commands, train_knobs
+    from napari_diffst._widgets.train_section import budget_default
+    from napari_diffst.benchmark import DIFFUSION_BUDGETS
+    from napari_diffst.method import DiffST
+
+    ap = argparse.ArgumentParser()
+    add_commands(ap.add_subparsers())
+    for budget, steps in (("tiny", 3), ("quick", 300)):
+        args = ap.parse_args(["train", "--data", "synthetic", "--budget", budget, "--out", "x"])
+        kn = DiffST(budget=args.budget, **train_knobs(args)).resolved_knobs()
+        assert kn == DIFFUSION_BUDGETS[budget]
+        assert kn["steps"] == budget_default(budget, "steps") == steps
+        assert kn["batch_size"] == budget_default(budget, "batch_size")

@@ -25,7 +25,7 @@ from PIL import Image
 from napari_diffst.data import sample as sample_mod
 from napari_diffst.errors import DataFormatError
 from napari_diffst.io import detect_format, read, read_h5ad, read_image, read_legacy_st, read_visium, read_visium_hd
-from napari_diffst.layers import sample_to_layer_data
+from napari_diffst.layer_data import sample_to_layer_data
 from napari_diffst._reader import get_reader
 
 HER2ST_SPOTS = {"C2": 187, "C3": 180, "C4": 184, "C5": 181, "C6": 178}

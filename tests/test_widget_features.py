@@ -19,7 +19,7 @@ def test_histology_features_box_and_choice_reaches_training(make_napari_viewer, 
 
     from napari_diffst._widgets import train_section as ts
     from napari_diffst.data.synthetic import make_synthetic
-    from napari_diffst.features import available_feature_extractors
+    from napari_diffst.feature_names import available_feature_extractors
 
     sec = _train_section(make_napari_viewer())
     combo = sec.features_combo

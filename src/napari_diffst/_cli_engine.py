@@ -36,16 +36,31 @@ def _split_genes(s: str | None):
     return [g.strip() for g in s.split(",") if g.strip()] if s else None
 
 
-def _ablation(args) -> dict:
-    out = {}
-    for flag, key in (("no_cam", "use_cam"), ("no_cigc", "use_cigc"), ("no_hier", "use_hier")):
-        if getattr(args, flag, False):
-            out[key] = False
-    return out
+def _ablation(args) -> tuple:
+    """The Diff-ST components switched off by ``--no-cam`` / ``--no-cigc`` / ``--no-hier``."""
+    return tuple(key for flag, key in (("no_cam", "cam"), ("no_cigc", "cigc"), ("no_hier", "hier"))
+                 if getattr(args, flag, False))
+
+
+def train_knobs(args) -> dict:
+    """:class:`napari_diffst.method.DiffST` knobs from the command line: ``--steps`` / ``--batch-size`` /
+    ``--lr-size`` and every ``--set KEY=VALUE`` (a knob of the budget, a model config key or a TrainConfig
+    field, :func:`napari_diffst.benchmark.parse_diffst_set`); everything else is the budget's — the knobs the
+    benchmark measured."""
+    kn: dict = {}
+    if getattr(args, "set", None):  # engine options, e.g. --set hist_features=handcrafted --set adv_weight=0.01
+        from .benchmark import parse_diffst_set
+
+        kn.update(parse_diffst_set(args.set))
+    for flag, key in (("steps", "steps"), ("batch_size", "batch_size"), ("lr_size", "lr_size")):
+        if getattr(args, flag, None) is not None:
+            kn[key] = int(getattr(args, flag))
+    return kn
 
 
 def cmd_train(args) -> int:
     from . import pipeline as P
+    from .method import DiffST
     from .train.checkpoint import prepare_run_dir
 
     t0 = time.time()
@@ -57,42 +72,37 @@ def cmd_train(args) -> int:
         print(f"data: {s.summary()}", file=sys.stderr)
     genes = P.choose_genes(samples, n_genes=args.n_genes, genes=_split_genes(args.genes))
     fields, gene_scale = P.make_fields(samples, genes, args.scale)
-    model_o, train_o = _ablation(args), {}
-    if getattr(args, "set", None):  # engine options, e.g. --set hist_features=handcrafted --set adv_weight=0.01
-        from .benchmark import parse_diffst_set
-
-        kn = parse_diffst_set(args.set)
-        unknown = sorted(set(kn) - {"model_overrides", "train_overrides"})
-        if unknown:
-            raise DataFormatError(None, f"--set {unknown}: benchmark-only knobs", "model config keys or TrainConfig "
-                                  "fields (--steps, --batch-size, --lr-size have their own flags)")
-        model_o.update(kn.get("model_overrides") or {})
-        train_o.update(kn.get("train_overrides") or {})
+    val_sample = val_field = None
+    if getattr(args, "val", None):  # a held-out section: fits the shrink of the added detail
+        val_sample = P.load_data(args.val, seed=args.seed)
+        (val_field,), _ = P.make_fields([val_sample], genes, args.scale, gene_scale=gene_scale)
+    method = DiffST(budget=args.budget, seed=args.seed, device=args.device, ablate=_ablation(args),
+                    **train_knobs(args))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = P.make_trainer(fields, budget=args.budget, steps=args.steps, batch_size=args.batch_size,
-                             lr_size=args.lr_size, out_dir=out, seed=args.seed, device=args.device,
-                             train_samples=samples, model_overrides=model_o, resume=resume, resume_check=True,
-                             provenance={"data": [str(d) for d in args.data], "genes_from": "training data"},
-                             **train_o)
-    if resume is not None:
-        note = trainer.match_checkpoint_threads()
+    kn = method.resolved_knobs()
+    print(f"training Diff-ST on {len(fields)} section(s), {len(genes)} genes, {args.scale}×, {kn['steps']} steps, "
+          f"prior {kn['prior']} → {out}", file=sys.stderr)
+    bar = _bar(kn["steps"], "train")
+    last = None
+    method.prepare_fit(fields, val_field, train_samples=samples, val_sample=val_sample, out_dir=out, resume=resume,
+                       provenance={"data": [str(d) for d in args.data], "genes_from": "training data"})
+    if resume is not None:  # on CPU: the thread count of the run that wrote the checkpoint (bit-for-bit resume)
+        note = method.trainer.match_checkpoint_threads()
         if note:
             print(note, file=sys.stderr)
-    resolved = {
-        "data": [str(d) for d in args.data], "scale": args.scale, "genes": list(genes),
-        "gene_scale": [float(x) for x in gene_scale], "budget": args.budget, "seed": args.seed,
-        "fields": [{"name": f.name, "mode": "truth" if s.hr_truth else "degrade", "lr_shape": list(f.lr.shape),
-                    "hr_um": f.hr_um, "he_per_hr": f.he_per_hr} for f, s in zip(fields, samples)],
-        "train": trainer.config.to_dict(), "device": str(trainer.device),
-    }
-    (out / "resolved_config.json").write_text(json.dumps(resolved, indent=2))
-    total = trainer.config.steps
-    print(f"training Diff-ST on {len(fields)} section(s), {len(genes)} genes, {args.scale}×, {total} steps "
-          f"on {trainer.device} → {out}", file=sys.stderr)
-    bar = _bar(total, "train")
-    last = None
-    for ev in trainer.iter_train():
+    for ev in method.iter_train():
+        if last is None:  # the trainer exists now: the resolved settings beside the checkpoint
+            resolved = {
+                "data": [str(d) for d in args.data], "val": getattr(args, "val", None), "scale": args.scale,
+                "genes": list(genes), "gene_scale": [float(x) for x in gene_scale], "budget": args.budget,
+                "seed": args.seed, "method": method.name, "knobs": json.loads(json.dumps(kn, default=str)),
+                "fields": [{"name": f.name, "mode": "truth" if s.hr_truth else "degrade",
+                            "lr_shape": list(f.lr.shape), "hr_um": f.hr_um, "he_per_hr": f.he_per_hr}
+                           for f, s in zip(fields, samples)],
+                "train": method.trainer.config.to_dict(), "device": str(method.trainer.device),
+            }
+            (out / "resolved_config.json").write_text(json.dumps(resolved, indent=2))
         last = ev
         if ev.kind == "step":
             bar.n = ev.step
@@ -100,7 +110,9 @@ def cmd_train(args) -> int:
             bar.refresh()
     bar.close()
     if last is not None and last.kind in ("done", "cancelled"):
-        print(f"{last.kind} at step {last.step} in {time.time() - t0:.1f} s; checkpoint: {trainer.last_checkpoint}")
+        extra = f"; shrink α {method.alpha_:.3f}" if val_field is not None and kn.get("shrink") else ""
+        print(f"{last.kind} at step {last.step} in {time.time() - t0:.1f} s{extra}; checkpoint: "
+              f"{method.trainer.last_checkpoint}")
     return 0 if last is None or last.kind != "error" else 1
 
 
@@ -114,16 +126,12 @@ def _field_for(sample, genes, scale, gene_scale, mode, he_per_hr=None):
 
 
 def _load_ckpt(path, device):
-    from .device import resolve_device
-    from .train.checkpoint import load_checkpoint
+    """``(network, meta, genes, scale, gene_scale)`` of a checkpoint (the bare network; :meth:`DiffST.load` for
+    the whole method)."""
+    from .method import DiffST
 
-    model, ema, meta = load_checkpoint(path, device=resolve_device(device))
-    genes = meta.get("genes")
-    scale = (meta.get("provenance") or {}).get("scale")
-    if not genes or scale is None or meta.get("gene_scale") is None:
-        raise DataFormatError(path, "checkpoint lacks genes / scale / gene_scale", "a checkpoint written by "
-                              "`napari-diffst train`")
-    return (ema or model), meta, list(genes), int(scale), np.asarray(meta["gene_scale"], float)
+    m = DiffST.load(path, device=device)
+    return m.model_, m.meta_, list(m.genes_), int(m.geometry_["scale"]), np.asarray(m.gene_scale_, float)
 
 
 def cmd_sample(args) -> int:
@@ -145,11 +153,19 @@ def cmd_sample(args) -> int:
     refuse_existing(args.out, getattr(args, "overwrite", False))  # an existing output is replaced only if asked
     from .tiling import plan_sampling
 
-    model, meta, genes, scale, gene_scale = _load_ckpt(args.checkpoint, args.device)
+    from .method import DiffST
+
+    method = DiffST.load(args.checkpoint, device=args.device)
+    model, genes, scale = method.model_, list(method.genes_), int(method.geometry_["scale"])
+    gene_scale = np.asarray(method.gene_scale_, float)
+    steps = int(args.steps or method.knobs_["sample_steps"])
+    n_samples = int(args.n_samples or method.knobs_["n_samples"])
+    args.steps, args.n_samples = steps, n_samples
+    args.sampler = args.sampler or method.knobs_.get("sampler", "ddpm")
     sample = P.load_data(args.data, seed=args.seed_data)
     mode = args.mode if args.mode != "auto" else ("truth" if sample.hr_truth else "native")
     plan = plan_sampling(sample, genes, scale, gene_scale=gene_scale, mode=mode, he_per_hr=model.config["he_per_hr"],
-                         n_samples=args.n_samples, tile=getattr(args, "tile", 0) or 0,
+                         n_samples=n_samples, tile=getattr(args, "tile", 0) or 0,
                          overlap=getattr(args, "overlap", None), budget_mb=getattr(args, "max_untiled_mb", None))
     if plan.tiled:
         if fmt != "ome-zarr":
@@ -159,14 +175,17 @@ def cmd_sample(args) -> int:
             raise DataFormatError(args.report, f"--report on tiled sampling ({plan.describe()}): tiled whole-slide "
                                   "maps are not projected onto the spots yet, so there is no spot report",
                                   "--report on a section small enough to sample untiled")
+        if method.prior_ is not None or method.alpha_ != 1.0:
+            print("note: tiled sampling runs the network on the cubic LR↑ condition: the checkpoint's cell-level "
+                  "prior and shrink are not applied per tile yet", file=sys.stderr)
         return _sample_tiled(args, model, sample, genes, scale, gene_scale, plan)
-    field, mode = _field_for(sample, genes, scale, gene_scale, mode, he_per_hr=model.config["he_per_hr"])
+    field = method.make_field(sample, mode)
     print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× "
           f"(HR {field.hr_um:.4g} µm) with {args.steps} steps × {args.n_samples} samples — {plan.describe()}",
           file=sys.stderr)
     t0 = time.time()
-    res = _drain(P.super_resolve_iter(model, field, steps=args.steps, n_samples=args.n_samples, seed=args.seed,
-                                      sampler=args.sampler), _bar(args.steps * args.n_samples, "sample"))
+    res = _drain(method.iter_predict(field, sample=sample, steps=steps, n_samples=n_samples, seed=args.seed,
+                                     sampler=args.sampler), _bar(steps * n_samples, "sample"))
     secs = time.time() - t0
     from .data.grids import display_mask, field_napari_affine
 
@@ -177,7 +196,9 @@ def cmd_sample(args) -> int:
                             "scale": scale, "steps": args.steps, "n_samples": args.n_samples, "seed": args.seed,
                             "hr_um": field.hr_um, "units": "log1p(CP10k)", "hr_affine_px": A.tolist(),
                             "um_per_px_fullres": field.um_per_px, "seconds": secs,
-                            "gene_scale": [float(x) for x in gene_scale]}}
+                            "gene_scale": [float(x) for x in gene_scale], "method": method.name,
+                            "prior": (method.knobs_ or {}).get("prior") if method.prior_ is not None else "cubic",
+                            "shrink_alpha": float(method.alpha_), "trained_steps": int(method.trained_steps_)}}
     if res.report is not None:  # true to the spots (native): the figures travel with the maps
         md["napari_diffst"]["spot_report"] = res.report
         _print_report(res.report, sample.name)
@@ -271,6 +292,8 @@ def add_commands(sub) -> None:
     g.add_argument("--n-genes", type=int, default=25, help="panel size chosen on the training data (HVG)")
     g.add_argument("--genes", help="comma-separated gene names (case-insensitive)")
     t.add_argument("--steps", type=int, default=None, help="training steps (default: the budget's)")
+    t.add_argument("--val", default=None, help="a held-out section (any reader): fits the shrink α of the detail the "
+                                               "diffusion adds to the prior (without it α = 1)")
     t.add_argument("--budget", choices=["tiny", "quick", "full"], default="quick")
     t.add_argument("--batch-size", type=int, default=None)
     t.add_argument("--lr-size", type=int, default=None, help="LR pixels per training patch side")
@@ -295,9 +318,11 @@ def add_commands(sub) -> None:
                                       ".h5ad or SpatialData")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("--data", required=True, help="section path or 'synthetic'")
-    s.add_argument("--steps", type=int, default=50, help="respaced sampling steps")
-    s.add_argument("--n-samples", type=int, default=4, help="samples averaged (std = uncertainty)")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--steps", type=int, default=None, help="respaced sampling steps (default: the checkpoint's "
+                                                          "budget, what the benchmark measured)")
+    s.add_argument("--n-samples", type=int, default=None, help="samples averaged (std = uncertainty; default: the "
+                                                               "checkpoint's budget)")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default: the checkpoint's")
     s.add_argument("--mode", choices=["auto", "native", "degrade", "truth"], default="auto",
                    help="auto: against HR truth when the data has it, else at native resolution")
     s.add_argument("--seed", type=int, default=0)

@@ -1,7 +1,7 @@
 """npe2 reader hook: ``get_reader(path)`` returns a reader for paths napari-diffst understands.
 
 The returned callable gives napari LayerDataTuples (H&E image + spots Points, both in µm; see
-:mod:`napari_diffst.layers`). ``get_reader`` never raises: anything it does not recognise (or any
+:mod:`napari_diffst.layer_data`). ``get_reader`` never raises: anything it does not recognise (or any
 error while looking) yields ``None`` so napari can try other readers.
 """
 from __future__ import annotations
@@ -36,12 +36,12 @@ def get_reader(path):
 
 def read_paths(path, **kwargs) -> list[tuple]:
     """Read each path into layer data in µm: a section → H&E image + spots; an OME-Zarr of gene maps → one
-    layer per gene and per uncertainty channel (:func:`napari_diffst.layers.maps_layer_data`).
+    layer per gene and per uncertainty channel (:func:`napari_diffst.layer_data.maps_layer_data`).
 
     Extra keyword arguments from napari/npe2 (``stack``) are accepted and ignored."""
     from .io.readers import read
     from .io.writers import is_ome_zarr
-    from .layers import maps_layer_data, sample_to_layer_data
+    from .layer_data import maps_layer_data, sample_to_layer_data
 
     out: list[tuple] = []
     for p in _as_list(path):

@@ -49,7 +49,7 @@ def truth_layer_data(sample, gene: str, visible: bool = False):
 def make_synthetic_sample() -> list[tuple]:
     """H&E + spots (+ hidden truth of one gene) of :func:`napari_diffst.data.synthetic.make_synthetic`."""
     from .data.synthetic import make_synthetic
-    from .layers import sample_to_layer_data
+    from .layer_data import sample_to_layer_data
 
     sample = make_synthetic(**SAMPLE_KWARGS)
     gene = DISPLAY_GENE if DISPLAY_GENE in sample.genes else sample.genes[0]

@@ -45,12 +45,10 @@ cap anywhere), so with a seed the same machine gives the same scores at any load
 """
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import math
 import os
-import platform
 import sys
 import threading
 import time
@@ -66,29 +64,9 @@ __all__ = ["DIFFUSION_BUDGETS", "METHOD_NAMES", "METRICS", "Method", "DiffusionM
            "validate_result", "format_table",
            "format_markdown", "PeakRSS", "add_commands", "cmd_benchmark", "parse_diffst_set"]
 
-#: Knobs of the two diffusion methods per budget (the lead tunes these).
-#: ``model_preset``: network size (:data:`napari_diffst.pipeline.MODEL_PRESETS`; its training preset is
-#: 'quick' unless 'full'); ``steps``: training steps; ``batch_size``; ``lr_size``: LR pixels per patch side;
-#: ``sample_steps``: respaced reverse steps; ``n_samples``: samples averaged; ``sampler``: 'ddpm' | 'ddim';
-#: ``train_overrides``: extra :class:`~napari_diffst.train.TrainConfig` fields; ``model_overrides``: extra model config entries.  Engine options (issue #8, off by
-#: default) are reached through these: ``model_overrides`` ``use_align``, ``gene_chunk`` / ``gene_chunk_train``,
-#: ``hist_features``, ``distill``; ``train_overrides`` ``adv_weight`` — on the command line with
-#: ``--diffst-set KEY=VALUE`` (:func:`parse_diffst_set`).
-DIFFUSION_BUDGETS: dict[str, dict] = {
-    "tiny": dict(model_preset="tiny", steps=3, batch_size=2, lr_size=4, sample_steps=2, n_samples=1,
-                 sampler="ddim", shrink=False, prior="cubic", train_overrides=dict(log_every=1, warmup_steps=1), model_overrides={}),
-    # quick: chosen on the validation section C5 only (docs/benchmark.md, "Tuning"): the distillation head for
-    # diffst, lr 5e-4, 20 respaced steps × 4 samples, and (session 2) the HisToSGE-style regression prior as the
-    # condition / residual base (C5: PCC 0.654 → 0.669, detail-PCC 0.197 → 0.273 over the cubic LR↑), and the
-    # validation-fitted shrink of the added detail (C5: 0.669 → 0.677, 0.273 → 0.282; α fitted on C5 itself);
-    # (session 3) the cell-level ridge prior (napari_diffst.prior) instead of the HisToSGE-style one
-    # (C5: 0.677 → 0.685, 0.282 → 0.308)
-    "quick": dict(model_preset="quick", steps=300, batch_size=4, lr_size=8, sample_steps=20, n_samples=4,
-                  sampler="ddpm", shrink=True, prior="cell", train_overrides=dict(lr=5e-4),
-                  model_overrides={"distill": True}),
-    "full": dict(model_preset="full", steps=40000, batch_size=16, lr_size=16, sample_steps=250, n_samples=8,
-                 sampler="ddpm", shrink=True, prior="cell", train_overrides={}, model_overrides={}),
-}
+#: Knobs of the two diffusion methods per budget: they live with the method object
+#: (:data:`napari_diffst.method.DIFFUSION_BUDGETS`, re-exported here).
+from .method import DIFFUSION_BUDGETS, DiffST  # noqa: E402
 
 #: ``prior``: the map the denoiser's condition and residual start from — ``'cubic'`` (edge-aware cubic LR↑;
 #: ``tiny``), ``'histosge'`` (the HisToSGE-style regressor's prediction) or ``'cell'`` (``quick``/``full``: the
@@ -130,159 +108,29 @@ class Method(Protocol):
     def predict(self, field) -> np.ndarray: ...
 
 
-class DiffusionMethod:
-    """Adapter: Diff-ST (``ablate_all=False``) or the plain conditional diffusion ablation
-    (``ablate_all=True``: ``use_cam = use_cigc = use_hier = False`` — no cross-modal modulation (Diff-ST
-    Eq. 3–4), no co-expression graph (Eq. 5–6), no hierarchical cell-level histology) as a :class:`Method`.
-
-    ``fit`` builds the network through :func:`napari_diffst.pipeline.make_trainer` (its co-expression graph
-    from the training fields' spot counts), iterates ``trainer.iter_train()`` and keeps the EMA weights;
-    ``predict`` averages ``n_samples`` reverse-diffusion samples (:func:`napari_diffst.pipeline.super_resolve`,
-    ``.mean``).  Knobs come from :data:`DIFFUSION_BUDGETS` for the ``budget`` given to ``fit`` (a dict
-    budget overrides entries of 'quick'); keyword ``knobs`` override both — ``model_overrides`` and
-    ``train_overrides`` are merged key by key into the budget's (so ``model_overrides={'use_align': True}``
-    keeps the budget's ``distill``).  The validation field is not used (no early stopping)."""
+class DiffusionMethod(DiffST):
+    """The benchmark's view of :class:`napari_diffst.method.DiffST` (the one method object the dock and the CLI
+    run too): Diff-ST (``ablate_all=False``) or the plain conditional diffusion ablation (``ablate_all=True``:
+    ``use_cam = use_cigc = use_hier = False`` — no cross-modal modulation (Diff-ST Eq. 3–4), no co-expression
+    graph (Eq. 5–6), no hierarchical cell-level histology) as a :class:`Method`: ``fit(train, val, seed,
+    budget)`` sets the seed and budget and runs :meth:`DiffST.fit`; ``predict(field)`` is
+    :meth:`DiffST.predict_map` (the shrunk, masked mean in model units, no projection on truth/degrade fields).
+    Knobs come from :data:`DIFFUSION_BUDGETS` for the ``budget`` given to ``fit`` (a dict budget overrides
+    entries of 'quick'); keyword ``knobs`` override both — ``model_overrides`` and ``train_overrides`` are
+    merged key by key into the budget's (so ``model_overrides={'use_align': True}`` keeps the budget's
+    ``distill``).  The validation field only fits the shrink α (no early stopping)."""
 
     def __init__(self, ablate_all: bool = False, device: str = "auto", verbose: bool = False, **knobs):
-        unknown = sorted(set(knobs) - set(DIFFUSION_BUDGETS["quick"]))
-        if unknown:
-            raise ValueError(f"unknown diffusion knobs {unknown}; valid: {sorted(DIFFUSION_BUDGETS['quick'])}")
-        self.ablate_all = bool(ablate_all)
-        self.name = "cond_diffusion" if self.ablate_all else "diffst"
-        self.device = device
-        self.verbose = verbose
-        self.knobs = dict(knobs)
-        self.trainer = None
-        self.model_ = None
-        self.last_event_ = None
-        self.train_seconds_ = None
+        super().__init__(budget="quick", seed=0, device=device, ablate="all" if ablate_all else (),
+                         verbose=verbose, **knobs)
 
-    def resolved_knobs(self, budget="quick") -> dict:
-        if isinstance(budget, dict):
-            kn = copy.deepcopy(DIFFUSION_BUDGETS["quick"])
-            kn.update(copy.deepcopy(budget))
-        elif budget in DIFFUSION_BUDGETS:
-            kn = copy.deepcopy(DIFFUSION_BUDGETS[budget])
-        else:
-            raise ValueError(f"unknown budget {budget!r}; use one of {sorted(DIFFUSION_BUDGETS)} or a dict")
-        for k, v in copy.deepcopy(self.knobs).items():
-            if k in ("model_overrides", "train_overrides") and isinstance(v, dict):
-                kn[k] = {**(kn.get(k) or {}), **v}
-            else:
-                kn[k] = v
-        return kn
+    def fit(self, train_fields, val_field=None, seed: int = 0, budget="quick", **kw):
+        self.seed, self.budget = int(seed), budget
+        self.seed_ = self.seed
+        return super().fit(train_fields, val_field, **kw)
 
-    def fit(self, train_fields, val_field=None, seed: int = 0, budget="quick"):
-        from . import pipeline as P
-
-        kn = self.resolved_knobs(budget)
-        self.knobs_ = kn
-        overrides = dict(kn.get("model_overrides") or {})
-        if self.ablate_all:  # plain conditional diffusion: no Diff-ST component, no distillation head
-            overrides.update(use_cam=False, use_cigc=False, use_hier=False, distill=False)
-            if kn.get("prior") == "cell":  # the cell-level prior belongs to the hierarchical (cell-level) component
-                kn["prior"] = "histosge"
-        t0 = time.perf_counter()
-        self.prior_ = None
-        if kn.get("prior", "cubic") in ("histosge", "cell"):
-            train_fields = self._fit_prior(list(train_fields), val_field, seed, budget, kind=kn["prior"])
-        elif kn.get("prior", "cubic") != "cubic":
-            raise ValueError(f"{self.name}: prior must be 'cubic', 'histosge' or 'cell', not {kn.get('prior')!r}")
-        self.trainer = P.make_trainer(list(train_fields), budget=kn["model_preset"], steps=kn["steps"],
-                                      batch_size=kn["batch_size"], lr_size=kn["lr_size"], seed=seed,
-                                      device=self.device, model_overrides=overrides, out_dir=None,
-                                      provenance={"benchmark": self.name},
-                                      **dict(kn.get("train_overrides") or {}))
-        last, next_print = None, 0.0
-        for ev in self.trainer.iter_train():
-            last = ev
-            if self.verbose and ev.kind == "step" and (time.perf_counter() - t0 >= next_print):
-                next_print = time.perf_counter() - t0 + 15.0
-                loss = ev.losses.get("loss", float("nan")) if ev.losses else float("nan")
-                print(f"  {self.name}: step {ev.step}/{ev.total_steps} loss {loss:.4f}", file=sys.stderr)
-        if last is not None and last.kind == "error":  # pragma: no cover - iter_train re-raises
-            raise DiffSTError(f"{self.name}: training failed: {last.message}")
-        self.last_event_ = last
-        self.train_seconds_ = time.perf_counter() - t0
-        self.model_ = self.trainer.ema
-        self.seed_ = int(seed)
-        self.alpha_ = 1.0
-        if kn.get("shrink") and val_field is not None and getattr(val_field, "hr", None) is not None:
-            # scale the detail the diffusion adds to its base by the least-squares factor on the validation field
-            pred, base = self._predict_raw(val_field)
-            m = np.asarray(val_field.hr_mask, bool)
-            r, t = (pred - base)[:, m], (np.asarray(val_field.hr) - base)[:, m]
-            den = float((r * r).sum())
-            self.alpha_ = float(np.clip((r * t).sum() / den, 0.0, 1.0)) if den > 0 else 1.0
-        return self
-
-    @staticmethod
-    def _with_prior(field, prior: np.ndarray):
-        """A shallow copy of ``field`` whose condition/residual base (``lr_upsampled(3)``) is ``prior``."""
-        import dataclasses
-
-        f2 = dataclasses.replace(field, extra=dict(field.extra))
-        f2.extra["lr_up3"] = np.asarray(prior, np.float32)
-        return f2
-
-    def needs_cell_features(self, budget="quick") -> bool:
-        """True when this method's prior reads ``field.extra['cell_features']`` (``prior='cell'``; never for the
-        plain conditional diffusion, which has no cell level)."""
-        return not self.ablate_all and self.resolved_knobs(budget).get("prior") == "cell"
-
-    def _fit_prior(self, train_fields, val_field, seed, budget, kind="histosge"):
-        """Regression prior (``prior='histosge'`` or ``'cell'``): cross-fitted predictions for the training fields
-        (each from a regressor that did not see it), and a regressor on all of them for the fields to predict."""
-        from .baselines import HisToSGEStyle
-        from .prior import CellRidgePrior
-
-        pb = budget if isinstance(budget, str) and budget in HisToSGEStyle.BUDGETS else "quick"
-
-        def make(fields, s):
-            if kind == "cell":
-                return CellRidgePrior().fit(fields)
-            return HisToSGEStyle(mask_output=False).fit(fields, val_field, seed=s, budget=pb)
-
-        out = []
-        for i, f in enumerate(train_fields):
-            others = [g for j, g in enumerate(train_fields) if j != i]
-            if not others:  # one training section: no held-out prior possible, keep the cubic
-                out.append(f)
-                continue
-            out.append(self._with_prior(f, make(others, seed + i).predict(f)))
-        self.prior_ = make(train_fields, seed)
-        return out
-
-    def predict_prior(self, field) -> np.ndarray | None:
-        """The regression prior's own map for ``field`` (masked), or None without a prior."""
-        if getattr(self, "prior_", None) is None:
-            return None
-        return np.asarray(self.prior_.predict(field), np.float32) * np.asarray(field.hr_mask, np.float32)[None]
-
-    def predict(self, field) -> np.ndarray:
-        from . import pipeline as P
-
-        if self.model_ is None:
-            raise RuntimeError(f"{self.name}: call fit() before predict()")
-        pred, base = self._predict_raw(field)
-        a = float(getattr(self, "alpha_", 1.0))
-        if a != 1.0:
-            pred = base + a * (pred - base)
-        return pred * np.asarray(field.hr_mask, np.float32)[None]
-
-    def _predict_raw(self, field) -> tuple[np.ndarray, np.ndarray]:
-        """(mean of the samples, the base map the network's residual starts from), both (G, H, W)."""
-        from . import pipeline as P
-
-        if self.prior_ is not None:
-            field = self._with_prior(field, self.prior_.predict(field))
-        kn = self.knobs_
-        res = P.super_resolve(self.model_, field, steps=int(kn["sample_steps"]), n_samples=int(kn["n_samples"]),
-                              seed=self.seed_, sampler=kn.get("sampler", "ddpm"))
-        pred = np.asarray(res.mean, np.float32)
-        if pred.shape != (field.G,) + tuple(field.hr_shape):
-            raise RuntimeError(f"{self.name}: prediction {pred.shape} not on the HR grid {field.hr_shape}")
-        return pred, np.asarray(field.lr_upsampled(3), np.float32)
+    def predict(self, field, sample=None) -> np.ndarray:
+        return self.predict_map(field, sample=sample)
 
     def __repr__(self):
         return f"DiffusionMethod(ablate_all={self.ablate_all}, knobs={self.knobs})"
@@ -462,30 +310,7 @@ def _device_type(device: str) -> tuple[str, str]:
     return dev.type, device_label(dev)
 
 
-def _loadavg() -> list | None:
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _machine(device_label: str, load_start=None) -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        n_avail = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        n_avail = os.cpu_count()
-    return {"platform": platform.platform(), "cpu": cpu, "cpus_available": n_avail,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "accelerator": device_label,
-            "load_avg_at_start": load_start, "load_avg_at_end": _loadavg()}
+from .runinfo import loadavg as _loadavg, machine_info as _machine  # noqa: E402  (one home: runinfo)
 
 
 def _save_maps(path: Path, field, preds: dict, genes, scale: int, synthetic: bool) -> None:

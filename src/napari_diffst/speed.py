@@ -109,13 +109,13 @@ def _untrained_config(n_genes: int, he_per_hr: int, preset: str) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ sampling
-def _time_sampling(model, field, steps: int, n_samples: int, seed: int, device) -> dict:
-    from . import pipeline as P
+def _time_sampling(method, field, steps: int, n_samples: int, seed: int, device) -> dict:
+    """Time :meth:`napari_diffst.method.DiffST.predict` (prior, diffusion, shrink: the product) at ``steps``."""
     from .benchmark import score_row
 
     _sync(device)
     t0 = time.perf_counter()
-    res = P.super_resolve(model, field, steps=int(steps), n_samples=int(n_samples), seed=seed, device=device)
+    res = method.predict(field, steps=int(steps), n_samples=int(n_samples), seed=seed, project=False)
     _sync(device)
     secs = time.perf_counter() - t0
     row, _ = score_row(res.mean, field, seed=seed)
@@ -309,8 +309,9 @@ def bench_speed(budget: str | dict = "quick", *, checkpoint: str | None = None, 
     import torch
 
     from . import pipeline as P
-    from .benchmark import _loadavg, _machine
     from .device import resolve_device
+    from .method import DIFFUSION_BUDGETS, DiffST
+    from .runinfo import loadavg as _loadavg, machine_info as _machine
 
     B = copy.deepcopy(SPEED_BUDGETS[budget]) if isinstance(budget, str) else \
         {**copy.deepcopy(SPEED_BUDGETS["tiny"]), **budget}
@@ -328,13 +329,12 @@ def bench_speed(budget: str | dict = "quick", *, checkpoint: str | None = None, 
     T0 = time.perf_counter()
     train_info: dict
     if checkpoint:
-        from ._cli_engine import _field_for, _load_ckpt
-
         if not data:
             raise DiffSTError("--checkpoint needs --data (a section with HR truth, e.g. synthetic:3)")
-        model, meta, genes, scale, gene_scale = _load_ckpt(checkpoint, str(dev))
-        field, mode = _field_for(P.load_data(data), genes, scale, gene_scale, "auto",
-                                 he_per_hr=model.config["he_per_hr"])
+        method = DiffST.load(checkpoint, device=str(dev))
+        model = method.model_
+        test = P.load_data(data)
+        field = method.make_field(test)
         if field.hr is None:
             raise DiffSTError(f"{data}: no HR truth to score the samplers against (use a synthetic section)")
         train_info = {"checkpoint": str(checkpoint), "data": data}
@@ -349,17 +349,20 @@ def bench_speed(budget: str | dict = "quick", *, checkpoint: str | None = None, 
         _log(f"bench-speed: training a '{B['model_preset']}' Diff-ST on {len(fields)} synthetic sections "
              f"({len(genes)} genes, {B['scale']}×, {B['train_steps']} steps) on {dev}",
              quiet)
-        tr = P.make_trainer(fields, budget=B["model_preset"], steps=B["train_steps"], batch_size=B["batch_size"],
-                            lr_size=B["lr_size"], seed=seed, device=str(dev), train_samples=trains,
-                            log_every=5)
+        # the Diff-ST method object with the same-named diffusion budget's prior / sampler, this budget's size
+        method = DiffST(budget=bname if bname in DIFFUSION_BUDGETS else "tiny", seed=seed, device=str(dev),
+                        model_preset=B["model_preset"], steps=B["train_steps"], batch_size=B["batch_size"],
+                        lr_size=B["lr_size"], train_overrides={"log_every": 5})
+        tr = method.prepare_fit(fields, train_samples=trains)
+        method.add_features(field, test)  # the test field's cell-level features (outside the timings)
         t_tr = time.perf_counter()
         step_times, last = [], None
-        for ev in tr.iter_train():
+        for ev in method.iter_train():
             last = ev
             if ev.kind == "step":
                 step_times.append((ev.step, time.perf_counter()))
         secs = time.perf_counter() - t_tr
-        model = tr.ema
+        model = method.model_
         rate = None
         if len(step_times) >= 3:  # skip the first logged step (warm-up)
             (s0, a), (s1, b) = step_times[1], step_times[-1]
@@ -373,13 +376,13 @@ def bench_speed(budget: str | dict = "quick", *, checkpoint: str | None = None, 
     M = B["n_samples"]
     _log(f"  test field {field.name}: HR {field.hr_shape[0]}×{field.hr_shape[1]}, {field.G} genes, {M} samples",
          quiet)
-    full = _time_sampling(model, field, 1000, M, seed, dev)
+    full = _time_sampling(method, field, 1000, M, seed, dev)
     _log(f"  1000 steps: PCC {full['pcc']:.4f} in {full['seconds']:.1f} s", quiet)
     curve_rows = {1000: full}
     for k in sorted(set(B["curve"]) | {B["respaced_steps"]}):
         if k >= 1000:
             continue
-        curve_rows[k] = _time_sampling(model, field, k, M, seed, dev)
+        curve_rows[k] = _time_sampling(method, field, k, M, seed, dev)
         _log(f"  {k} steps: PCC {curve_rows[k]['pcc']:.4f} in {curve_rows[k]['seconds']:.2f} s", quiet)
     resp = curve_rows[B["respaced_steps"]]
     if dev.type == "cuda":

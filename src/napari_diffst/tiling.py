@@ -208,7 +208,7 @@ def _upsample_crop(lr: np.ndarray, lr_mask: np.ndarray, s: int, r0: int, c0: int
     a0c, b0c, a1c, b1c = max(a0, 0), max(b0, 0), min(a1, hL), min(b1, wL)
     sub, subm = lr[:, a0c:a1c, b0c:b1c], lr_mask[a0c:a1c, b0c:b1c]
     if mode == "cubic":
-        from .baselines import cubic_upsample
+        from .data.upsample import cubic_upsample
 
         up = cubic_upsample(sub, s, subm, order=3)
     elif mode == "bilinear":

@@ -324,26 +324,10 @@ def crps_coverage(samples: np.ndarray, truth: np.ndarray, mask: np.ndarray) -> t
 
 
 def _diffusion_samples(method, field, n: int, seed: int) -> np.ndarray | None:
-    """(n, G, H, W) individual reverse-diffusion samples of a fitted DiffusionMethod (its prior and the
-    validation-fitted shrink applied as in its ``predict``); None when the method does not expose them."""
-    from . import pipeline as P
-
-    model = getattr(method, "model_", None)
-    kn = getattr(method, "knobs_", None)
-    if model is None or kn is None:
-        return None
-    f = field
-    if getattr(method, "prior_", None) is not None:
-        f = method._with_prior(field, method.prior_.predict(field))
-    base = np.asarray(f.lr_upsampled(3), np.float32)
-    a = float(getattr(method, "alpha_", 1.0))
-    out = []
-    for j in range(n):
-        res = P.super_resolve(model, f, steps=int(kn["sample_steps"]), n_samples=1, seed=seed + 1000 + j,
-                              sampler=kn.get("sampler", "ddpm"))
-        x = np.asarray(res.mean, np.float32)
-        out.append((base + a * (x - base)) * np.asarray(field.hr_mask, np.float32)[None])
-    return np.stack(out)
+    """(n, G, H, W) individual reverse-diffusion samples of a fitted Diff-ST (:meth:`DiffST.draw_samples`: its
+    prior and validation-fitted shrink applied as in its ``predict``); None when the method has no samples."""
+    draw = getattr(method, "draw_samples", None)
+    return None if draw is None else draw(field, n, seed=seed)
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -355,7 +339,8 @@ def run_truth_benchmark(truth: Sequence, *, lr_um: float = 50.0, scales: Sequenc
     import torch
 
     from . import pipeline as P
-    from .benchmark import (BUDGETS, DiffusionMethod, PeakRSS, _device_type, _fmt, _loadavg, _machine,
+    from .method import DiffST
+    from .benchmark import (BUDGETS, PeakRSS, _device_type, _fmt, _loadavg, _machine,
                             make_method, parse_methods, score_row)
     from .data.cellfeatures import add_cell_features
 
@@ -463,7 +448,7 @@ def run_truth_benchmark(truth: Sequence, *, lr_um: float = 50.0, scales: Sequenc
                     peak = max(peak, mem.increase_mb)
                     sl = (slice(None), *_sl(axis, a * s, b * s))
                     pred_full[sl] = (pred * gs[:, None, None])[sl]
-                    if isinstance(method, DiffusionMethod):
+                    if isinstance(method, DiffST):
                         n_s = max(int(method.knobs_.get("n_samples", 4)), 2)
                         smps = _diffusion_samples(method, test, n_s, seed)
                         if smps is not None:
@@ -472,7 +457,7 @@ def run_truth_benchmark(truth: Sequence, *, lr_um: float = 50.0, scales: Sequenc
                             samples_full[(slice(None), *sl)] = (smps * gs[None, :, None, None])[(slice(None), *sl)]
                         knobs_used[name] = dict(json.loads(json.dumps(method.knobs_, default=str)))
                         knobs_used[name].setdefault("trained_steps", {})[sec_name + f"/fold{fi}"] = int(
-                            getattr(method.trainer, "step", 0))
+                            method.trained_steps_)
                         knobs_used[name].setdefault("shrink_alpha", {})[sec_name + f"/fold{fi}"] = round(
                             float(getattr(method, "alpha_", 1.0)), 4)
                     del method

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QLineEdit, QPushButton, QSpi
 from . import settings
 from ._common import (ImageView, Section, StatusText, notify_error, notify_warning, progress_bar,
                       row as _row, save_later, set_bar)
-from ..layers import OVERLAY_OPACITY, overlay_colormap
+from ..layer_data import OVERLAY_OPACITY, overlay_colormap
 from .workers import (GENE_COLORMAPS, Job, JobRunner, colormap_lut, format_eta, raster_layer_kwargs,
                       sample_job)
 

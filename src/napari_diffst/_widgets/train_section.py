@@ -25,12 +25,13 @@ BUDGETS = (("tiny", "tiny (tests, seconds)"), ("quick", "quick (CPU minutes)"), 
 
 
 def budget_default(budget: str, key: str) -> int:
-    """A budget's default (``steps``, ``batch_size``, ``lr_size``) from the training presets — the same the
-    CLI's ``train --budget`` uses (imported when asked: the presets' package loads torch)."""
-    from ..train.config import PRESETS
+    """A budget's default (``steps``, ``batch_size``, ``lr_size``): the Diff-ST method object's knobs
+    (:data:`napari_diffst.method.DIFFUSION_BUDGETS`) — the same the CLI's ``train --budget`` and the benchmark
+    use."""
+    from ..method import DIFFUSION_BUDGETS
 
-    return int(PRESETS[budget][key])
-#: labels of the "Histology features" box (model config ``hist_features``; napari_diffst.features)
+    return int(DIFFUSION_BUDGETS[budget][key])
+#: labels of the "Histology features" box (model config ``hist_features``; napari_diffst.feature_names)
 FEATURE_LABELS = {"learned": "learned (default)", "handcrafted": "handcrafted (colour + texture)",
                   "file": "pretrained model file…"}
 CUDA_MISSING_TIP = ("CUDA is not available (no NVIDIA GPU, or a CPU-only PyTorch build): training runs on the "
@@ -154,7 +155,7 @@ class TrainSection(Section):
         self.batch_spin.setValue(budget_default(self.budget, "batch_size"))
 
     def _fill_features(self):
-        from ..features import available_feature_extractors, describe_feature_extractor  # torch-free
+        from ..feature_names import available_feature_extractors, describe_feature_extractor  # torch-free
 
         for i, name in enumerate(n for n in available_feature_extractors() if n in FEATURE_LABELS):
             label = FEATURE_LABELS[name]

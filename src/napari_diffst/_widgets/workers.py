@@ -34,7 +34,7 @@ __all__ = ["Job", "train_job", "sample_job", "compare_job", "register_job", "sta
            "preview_rgba", "colormap_lut", "result_layer_data", "JobRunner",
            "GENE_COLORMAPS", "METRIC_COLUMNS"]
 
-from ..layers import GENE_COLORMAPS  # noqa: E402  (one home: layers.py)
+from ..layer_data import GENE_COLORMAPS  # noqa: E402  (one home: layer_data.py)
 #: (key in score_field's output, column title)
 METRIC_COLUMNS = (("pcc", "PCC"), ("rmse", "RMSE"), ("ssim", "SSIM"), ("detail_pcc", "detail-PCC"))
 
@@ -138,6 +138,7 @@ def train_job(job: Job, sample, genes, scale: int, *, budget: str = "quick", ste
 
     def body():
         from .. import pipeline as P
+        from ..method import DiffST
 
         yield {"kind": "prepare", "message": f"rasterising {sample.name}: {len(genes)} genes at {scale}×"}
         fields, gene_scale = P.make_fields([sample], list(genes), int(scale))
@@ -147,11 +148,18 @@ def train_job(job: Job, sample, genes, scale: int, *, budget: str = "quick", ste
         over = {"log_every": 1}
         if checkpoint_every:
             over["checkpoint_every"] = int(checkpoint_every)
-        trainer = P.make_trainer(fields, budget=budget, steps=steps, batch_size=batch_size, lr_size=lr_size,
-                                 out_dir=out_dir, seed=seed, device=device, train_samples=[sample],
-                                 should_stop=job.is_cancelled, resume=resume or None, resume_check=True,
-                                 provenance={"data": sample.name, "genes_from": "napari dock"},
-                                 model_overrides=dict(model_overrides) if model_overrides else None, **over)
+        knobs = {k: int(v) for k, v in dict(steps=steps, batch_size=batch_size, lr_size=lr_size).items()
+                 if v is not None}
+        knobs["train_overrides"] = over
+        if model_overrides:
+            knobs["model_overrides"] = dict(model_overrides)
+        # the one Diff-ST method object (the benchmark's): cell-level prior cross-fitted on stripes of this section
+        method = DiffST(budget=budget, seed=seed, device=device, **knobs)
+        if method.needs_cell_features():
+            yield {"kind": "prepare", "message": f"cell-level H&E features and prior for {sample.name}"}
+        trainer = method.prepare_fit(fields, train_samples=[sample], out_dir=out_dir, should_stop=job.is_cancelled,
+                                     resume=resume or None,
+                                     provenance={"data": sample.name, "genes_from": "napari dock"})
         if resume:
             trainer.config.log_every = 1
         job.trainer = trainer
@@ -162,12 +170,12 @@ def train_job(job: Job, sample, genes, scale: int, *, budget: str = "quick", ste
                "step0": trainer.step, "device": str(trainer.device), "out_dir": str(trainer.out_dir or ""),
                "batch_size": trainer.config.batch_size, "lr_size": trainer.config.lr_size}
         try:
-            for ev in trainer.iter_train():
+            for ev in method.iter_train():
                 yield {"kind": "event", "event": ev}
                 if ev.kind == "error":  # the trainer re-raises right after: report once, here
                     return
         finally:
-            trainer = None
+            trainer = method = None
 
     return _guard(job, "training", body())
 
@@ -279,17 +287,15 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
     the layer data of :func:`result_layer_data`) or ``cancelled``/``error``."""
 
     def body():
-        from .. import pipeline as P
         from ..device import resolve_device
+        from ..method import DiffST
         from ..tiling import plan_sampling
-        from ..train.checkpoint import load_checkpoint
 
         yield {"kind": "prepare", "message": f"loading {checkpoint}"}
         dev = resolve_device(device)
-        model, ema, meta = load_checkpoint(checkpoint, device=dev)
-        net = ema if ema is not None else model
-        del model
-        info = checkpoint_info(meta)
+        method = DiffST.load(checkpoint, device=str(dev))  # network, prior, shrink: what the benchmark measured
+        net = method.model_
+        info = checkpoint_info(method.meta_)
         m0 = mode if mode != "auto" else ("truth" if sample.hr_truth else "native")
         he_per_hr = info.get("he_per_hr") or net.config.get("he_per_hr")
         plan = None
@@ -300,13 +306,16 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
         if plan is not None and plan.tiled:
             yield from _tiled_body(net, plan, info, dev)
             return
-        field, m = field_for_checkpoint(sample, info, mode)
+        m = mode if mode != "auto" else ("truth" if sample.hr_truth else "native")
+        if method.needs_cell_features() and method.prior_ is not None:
+            yield {"kind": "prepare", "message": f"cell-level H&E features of {sample.name} for the prior"}
+        field = method.make_field(sample, m)
         n = int(steps)
         total = None
         yield {"kind": "ready", "field": field, "info": info, "mode": m, "device": str(dev),
                "tiling": plan.describe() if plan is not None else None}
         thr = Throttle(preview_every_s)
-        for upd in P.super_resolve_iter(net, field, steps=n, n_samples=int(n_samples), seed=int(seed)):
+        for upd in method.iter_predict(field, sample=sample, steps=n, n_samples=int(n_samples), seed=int(seed)):
             if job.cancelled:
                 yield {"kind": "cancelled", "message": f"sampling cancelled after {upd.get('done', 0)} steps"}
                 return

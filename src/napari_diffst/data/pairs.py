@@ -66,7 +66,7 @@ class SRField(GeneGrid):
         key = f"lr_up{order}"
         cached = self.extra.get(key)
         if cached is None or cached.shape != (self.G, *self.hr_shape):
-            from ..baselines import cubic_upsample
+            from .upsample import cubic_upsample
 
             cached = cubic_upsample(self.lr, s, self.lr_mask, order=order).astype(np.float32)
             self.extra[key] = cached

@@ -49,9 +49,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import features as _names
+from .. import feature_names as _names
 from ..errors import DataFormatError, DiffSTError
-from ..features import available_feature_extractors, describe_feature_extractor  # noqa: F401 - re-exported
+from ..feature_names import available_feature_extractors, describe_feature_extractor  # noqa: F401 - re-exported
 from .layers import ResBlock
 
 __all__ = ["FeatureExtractor", "HandcraftedFeatures", "FileFeatures", "ExtractorTissueEncoder",

@@ -41,7 +41,9 @@ RUN_FILES = (CHECKPOINT_NAME, "config.json", "resolved_config.json")
 RESUME_FREE_KEYS = frozenset({"steps", "device", "out_dir", "time_limit_s", "log_every", "checkpoint_every",
                               "checkpoint_on_cancel"})
 FORMAT = "napari-diffst-checkpoint"
-FORMAT_VERSION = 1
+#: 2: adds ``method`` (the method object's prior, shrink α, knobs and geometry: :mod:`napari_diffst.method`);
+#: version-1 checkpoints (no ``method``) still load
+FORMAT_VERSION = 2
 
 
 def _version() -> str:
@@ -121,8 +123,12 @@ def _jsonable(obj):
 def save_checkpoint(directory, *, model, ema_model=None, optimizer=None, step: int = 0,
                     train_config: dict | None = None, diffusion_config: dict | None = None,
                     genes=None, gene_scale=None, provenance: dict | None = None, rng_state: dict | None = None,
-                    extra: dict | None = None, discriminator=None, disc_optimizer=None) -> Path:
+                    extra: dict | None = None, discriminator=None, disc_optimizer=None,
+                    method: dict | None = None) -> Path:
     """Write a checkpoint folder atomically and return the path of its ``model.pt``.
+
+    ``method``: the method object's state (:meth:`napari_diffst.method.DiffST.save`: prior regressor as tensors,
+    shrink α, knobs, geometry; plain containers and tensors), saved as ``state['method']``.
 
     ``discriminator`` / ``disc_optimizer`` (adversarial training, ``TrainConfig.adv_weight``) are saved as
     ``state['discriminator']`` and ``state['disc_optimizer']`` (None when absent)."""
@@ -152,6 +158,7 @@ def save_checkpoint(directory, *, model, ema_model=None, optimizer=None, step: i
         if discriminator is not None else None,
         "disc_optimizer": disc_optimizer.state_dict() if disc_optimizer is not None else None,
         "rng": rng_state,
+        "method": method,
     }
     target = directory / CHECKPOINT_NAME
     for name in (CHECKPOINT_NAME, "config.json"):  # temporaries left by a save that was killed
@@ -166,6 +173,11 @@ def save_checkpoint(directory, *, model, ema_model=None, optimizer=None, step: i
         summary = {k: state[k] for k in ("format", "format_version", "package_version", "saved_at", "step",
                                          "model_config", "train_config", "diffusion", "genes", "gene_scale",
                                          "provenance")}
+        if method is not None:  # the method's settings (tensors left out of the human-readable file)
+            summary["method"] = _jsonable({k: v for k, v in method.items() if k != "prior"})
+            pr = method.get("prior")
+            summary["method"]["prior"] = None if pr is None else _jsonable(
+                {k: v for k, v in pr.items() if not isinstance(v, torch.Tensor)})
         atomic_write_text(directory / "config.json", json.dumps(summary, indent=2) + "\n")
     return target
 

@@ -256,6 +256,9 @@ class Trainer:
         self.checkpoint_threads: int | None = None  # set by load_state
         self.last_checkpoint: Path | None = None
         self._checked_batch = False
+        #: saved as the checkpoint's ``method`` entry (set by :class:`napari_diffst.method.DiffST`: its prior,
+        #: shrink and knobs travel with every checkpoint, periodic ones included, so a resumed run keeps them)
+        self.method_state: dict | None = None
 
     def _build_discriminator(self, mcfg) -> None:
         from ..model.adversarial import GeneDiscriminator
@@ -450,7 +453,7 @@ class Trainer:
                         extra={"world_size": self.world_size, "cpu_threads": torch.get_num_threads()
                                if self.device.type == "cpu" else None},
                         discriminator=self.discriminator,
-                        disc_optimizer=self.disc_optimizer)
+                        disc_optimizer=self.disc_optimizer, method=self.method_state)
         self.last_checkpoint = directory
         return directory
 
