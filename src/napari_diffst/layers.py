@@ -153,7 +153,7 @@ def spots_layer_data(sample: Sample, gene: str | None = None):
     feats = spot_features(sample, [gene] if gene else None)
     yx = np.asarray(sample.adata.obsm["spatial"], float)[:, ::-1]  # raw spot px; registration in affine
     kwargs = {
-        "name": f"{sample.name} spots",
+        "name": f"{sample.name} spots · {gene}" if gene else f"{sample.name} spots",  # the gene that colours them
         "size": sample.spot_diameter_px,
         "scale": (sample.um_per_px, sample.um_per_px),
         "affine": xy_affine_to_napari(sample.transform, sample.um_per_px),
