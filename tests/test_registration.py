@@ -178,3 +178,65 @@ def test_refine_refuses_sparse_subsets():
     s.adata = s.adata[keep].copy()
     with pytest.raises(DataFormatError, match="sparse subset"):
         refine_registration(s)
+
+
+# ------------------------------------------------------------------------------------------------
+# a correct registration is kept; fat is tissue (issue 17, item 9)
+# ------------------------------------------------------------------------------------------------
+def _read_her2st(her2st_dir, section):
+    from napari_diffst.io.readers import read_legacy_st
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return read_legacy_st(her2st_dir / section)
+
+
+def _max_move_um(sample, T, T_ref=None):
+    xy = np.asarray(sample.adata.obsm["spatial"], float)
+    return float(spot_errors_um(T, np.eye(3) if T_ref is None else T_ref, xy, sample.um_per_px).max())
+
+
+@pytest.mark.parametrize("section", ["C2", "C3", "C4", "C5", "C6"])
+def test_refine_keeps_a_correct_registration(her2st_dir, section):
+    """her2st sections load correctly registered: auto-refine must not move them (it used to by 5–13 µm),
+    and must report the fraction of spots on tissue once; a shifted copy is still recovered."""
+    s = _read_her2st(her2st_dir, section)
+    r = refine_registration(s)
+    move = _max_move_um(s, r.transform)
+    print(f"\n{section}: {r.summary()}; moved {move:.2f} µm; proposed {r.info.get('proposed_shift_um')}")
+    assert r.kept and move < 1.0
+    assert r.frac_on_tissue_after == r.frac_on_tissue_before > 0.95
+    text = r.summary()
+    assert "already registered" in text and "kept" in text and text.count("%") == 1
+    # a deliberately shifted copy (60 µm right, 40 µm up: 0.36 pitch) is still recovered
+    P = similarity_matrix(60.0 / s.um_per_px, -40.0 / s.um_per_px)
+    r2 = refine_registration(s, init=P)
+    err = _max_move_um(s, r2.transform)
+    print(f"{section} shifted by (60, −40) µm: {r2.summary()}; error max {err:.1f} µm")
+    assert not r2.kept and err < 20.0
+    assert r2.summary().count("%") == 2 and "→" in r2.summary()
+
+
+def test_tissue_mask_includes_fat(her2st_dir):
+    """Fat (empty adipocytes, thin membranes) is tissue: spots over it count as on tissue, and a correct
+    registration of a fatty section is kept (the saturation-only mask put ~55 % of the spots off tissue)."""
+    from adipose import fatty_copy
+
+    from napari_diffst.data.registration import _thumb_frame
+
+    s = fatty_copy(_read_her2st(her2st_dir, "C2"))
+    thumb, _ = _thumb_frame(s, 1024)
+    dense = tissue_mask(thumb, pale=False)
+    m = tissue_mask(thumb)
+    f_dense, f_all = fraction_on_tissue(s, mask=dense), fraction_on_tissue(s, mask=m)
+    covered = (m & s.fat).sum() / s.fat.sum()
+    print(f"\nfatty C2: spots on the dense-tissue mask {f_dense:.1%}, on the tissue mask {f_all:.1%}; "
+          f"fat covered {covered:.1%}")
+    assert f_dense < 0.7            # the fat is really missed by saturation alone
+    assert f_all > 0.95 and covered > 0.9
+    assert (m & ~dense & ~s.fat).sum() < 0.05 * s.fat.sum()   # grown into the fat, not onto the glass
+    r = refine_registration(s)
+    assert r.kept and _max_move_um(s, r.transform) < 1.0 and r.frac_on_tissue_before > 0.95
+    P = similarity_matrix(60.0 / s.um_per_px, -40.0 / s.um_per_px)
+    r2 = refine_registration(s, init=P)
+    assert not r2.kept and _max_move_um(s, r2.transform) < 20.0

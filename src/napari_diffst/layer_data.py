@@ -153,7 +153,7 @@ def spots_layer_data(sample: Sample, gene: str | None = None):
     feats = spot_features(sample, [gene] if gene else None)
     yx = np.asarray(sample.adata.obsm["spatial"], float)[:, ::-1]  # raw spot px; registration in affine
     kwargs = {
-        "name": f"{sample.name} spots",
+        "name": f"{sample.name} spots · {gene}" if gene else f"{sample.name} spots",  # the gene that colours them
         "size": sample.spot_diameter_px,
         "scale": (sample.um_per_px, sample.um_per_px),
         "affine": xy_affine_to_napari(sample.transform, sample.um_per_px),
@@ -180,6 +180,28 @@ def sample_to_layer_data(sample: Sample, gene: str | None = None) -> list[tuple]
     if getattr(sample, "molecules", None) is not None and len(sample.molecules):
         out.append(molecules_layer_data(sample))
     return out
+
+
+def map_layer_name(gene: str, method: str = "Diff-ST", extra: str | None = None) -> str:
+    """The one name of a gene-map layer, in the Sample and Compare sections and when reading exported maps:
+    ``<gene> · <method>`` (``ERBB2 · Diff-ST``, ``ERBB2 · bicubic``), ``<gene> · <method> σ`` for the
+    uncertainty."""
+    name = f"{gene} · {method}"
+    if extra:
+        name += " σ" if extra == "uncertainty" else f" {extra}"
+    return name
+
+
+#: ``diffst_role`` of gene-map layers (``sr_uncertainty`` and the readers' ``sr_<kind>`` start with ``sr``).
+MAP_ROLE_PREFIXES = ("sr", "compare")
+
+
+def find_map_layer(layers, name: str):
+    """The gene-map layer called ``name`` in ``layers`` (a napari layer list), or None."""
+    for ly in layers:
+        if ly.name == name and str(ly.metadata.get("diffst_role", "")).startswith(MAP_ROLE_PREFIXES):
+            return ly
+    return None
 
 
 def overlay_colormap(name: str = "inferno", fade: float = OVERLAY_FADE):
@@ -220,9 +242,9 @@ def maps_layer_data(path) -> list[tuple]:
                   "source": str(path), "units": units}
             if kind is not None:
                 md["diffst_extra"] = kind
-            name = f"{g} · {method}" if own else str(g)  # a foreign image: its channel labels
-            if kind is not None:
-                name += f" {'σ' if kind == 'uncertainty' else kind}"
+            # a foreign image: its channel labels
+            name = map_layer_name(str(g), method, kind) if own else \
+                (str(g) + (f" {'σ' if kind == 'uncertainty' else kind}" if kind is not None else ""))
             out.append((data if len(data) > 1 else data[0],
                         {"name": name, "multiscale": len(data) > 1, "affine": A, "units": ("um", "um"),
                          "colormap": overlay_colormap(GENE_COLORMAPS[j % len(GENE_COLORMAPS)]),

@@ -3,8 +3,10 @@
 Baselines (:data:`napari_diffst.baselines.BASELINES`) are fitted on the training fields and run on the
 field that was super-resolved, in a napari thread worker (:func:`.workers.compare_job`), which also scores
 every method with :func:`napari_diffst.metrics.score_field` when the field has HR truth. One layer per
-(gene, method) is added (``cmp <gene> · <method>``) with **one colormap and one contrast range per gene**
-shared by all methods. "Side by side" is napari's grid mode (one camera for all cells = linked pan/zoom,
+(gene, method), named as everywhere (``<gene> · <method>``, :func:`napari_diffst.layer_data.map_layer_name`), with
+**one colormap and one contrast range per gene** shared by all methods; Diff-ST's is the Sample section's own
+layer of that gene (its contrast range updated), and a layer of the same name from an earlier comparison is
+replaced, so each (gene, method) exists once. "Side by side" is napari's grid mode (one camera for all cells = linked pan/zoom,
 each cell labelled with its layer name), showing the chosen gene only; leaving it restores the layers'
 visibility. The metrics table holds gene means of PCC, RMSE, SSIM and detail-PCC (per-gene values in the
 tooltips and in the CSV). Export writes the maps (OME-Zarr / OME-TIFF / .h5ad, with the uncertainty for
@@ -20,6 +22,7 @@ from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFileDialog, QMessageB
 
 from . import settings
 from ._common import Section, narrow_combo, info_label, notify_error, notify_info, notify_warning, row as _row
+from ..layer_data import find_map_layer, map_layer_name, overlay_colormap
 from .sample_section import LayerQueue, gene_colormap
 from .workers import (METRIC_COLUMNS, Job, JobRunner, compare_job, contrast_limits, masked_expression,
                       grid_shape, metrics_csv, metrics_rows, raster_layer_kwargs)
@@ -270,7 +273,8 @@ class CompareSection(Section):
             md = {"diffst_role": "compare", "gene": g, "genes": [g], "method": m, "units": "log1p(CP10k)",
                   "mask": fld.lr_mask if m == "LR" else fld.hr_mask}
             self.queue.put(self._adder((g, m), self._maps[m][gi], dict(
-                name=f"{m} · {g}", colormap=cmap, contrast_limits=self._clim[g], visible=False, metadata=md,
+                name=map_layer_name(g, m), colormap=overlay_colormap(cmap), contrast_limits=self._clim[g],
+                visible=False, metadata=md,
                 units=("um", "um"), **self._place["lr" if m == "LR" else "hr"])))
 
     def ensure_gene_layers(self, g):
@@ -283,7 +287,20 @@ class CompareSection(Section):
 
     def _adder(self, key, data, kwargs):
         def add():
-            ly = self.viewer.add_image(data, **kwargs)
+            layers = self.viewer.layers
+            old = find_map_layer(layers, kwargs["name"])
+            if (old is not None and key[1] == "Diff-ST" and old.metadata.get("diffst_role") == "sr"
+                    and tuple(np.shape(old.data)) == tuple(np.shape(data))):
+                # the Sample section's layer of this gene: reuse it, with the gene's shared contrast range,
+                # on top of the list (napari fills the grid cells in layer-list order)
+                ly = old
+                ly.contrast_limits = kwargs["contrast_limits"]
+                ly.metadata["method"] = "Diff-ST"
+                layers.move(layers.index(ly), len(layers))
+            else:
+                if old is not None:  # from an earlier comparison (or another result): replaced
+                    layers.remove(old)
+                ly = self.viewer.add_image(data, **kwargs)
             try:  # the method's name in each grid cell
                 ly.name_overlay.visible = True
                 ly.name_overlay.font_size = 9

@@ -153,10 +153,10 @@ class RegisterSection(Section):
         elif d["kind"] == "result":
             res = d["result"]
             self.last_result = res
-            self.apply_transform(sample, res.transform, result=res)
-            self.info.setText(f"{sample.name}: {res.summary()}. "
-                              f"In-tissue spots on tissue: {res.frac_on_tissue_before:.1%} before → "
-                              f"{res.frac_on_tissue_after:.1%} after.")
+            # a refinement that found nothing significant keeps the transform: no undo step for a no-op
+            self.apply_transform(sample, res.transform, result=res, push_undo=not res.kept)
+            # the summary carries the fraction of in-tissue spots on tissue (once)
+            self.info.setText(f"{sample.name}: {res.summary()}.")
 
     def _on_done(self):
         self.state.set_busy(False)

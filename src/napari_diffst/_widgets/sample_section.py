@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (QComboBox, QFileDialog, QLineEdit, QPushButton, QSpi
 from . import settings
 from ._common import (ImageView, Section, StatusText, notify_error, notify_warning, progress_bar,
                       row as _row, save_later, set_bar)
-from ..layer_data import OVERLAY_OPACITY, overlay_colormap
+from ..layer_data import OVERLAY_OPACITY, find_map_layer, map_layer_name, overlay_colormap
 from .workers import (GENE_COLORMAPS, Job, JobRunner, colormap_lut, format_eta, raster_layer_kwargs,
                       sample_job)
 
@@ -341,12 +341,12 @@ class SampleSection(Section):
                   "hr_um": fld.hr_um, "checkpoint": ck, "mode": self.mode, "steps": res.steps,
                   "n_samples": res.n_samples, "diffst_frame": frame,
                   "spot_report": getattr(res, "report", None)}
-            self.queue.put(self._adder(mean[i], dict(name=f"{g} · Diff-ST", colormap=overlay_colormap(cmap),
+            self.queue.put(self._adder(mean[i], dict(name=map_layer_name(g), colormap=overlay_colormap(cmap),
                                                     contrast_limits=cl, blending=blend, opacity=OVERLAY_OPACITY,
                                                     visible=(i == 0), metadata=md,
                                                     units=("um", "um"), **place)))
             mdu = dict(md, diffst_role="sr_uncertainty")
-            self.queue.put(self._adder(std[i], dict(name=f"{g} · Diff-ST σ", colormap=overlay_colormap(cmap),
+            self.queue.put(self._adder(std[i], dict(name=map_layer_name(g, extra="uncertainty"), colormap=overlay_colormap(cmap),
                                                     contrast_limits=tuple(data["std_clims"][i]), blending=blend,
                                                     opacity=OVERLAY_OPACITY, visible=False, metadata=mdu,
                                                     units=("um", "um"),
@@ -366,7 +366,15 @@ class SampleSection(Section):
 
     def _adder(self, data, kwargs):
         def add():
+            # one layer per (gene, method): a new result replaces the layer of the same name, in its place
+            old = find_map_layer(self.viewer.layers, kwargs["name"])
+            at = None
+            if old is not None:
+                at = self.viewer.layers.index(old)
+                self.viewer.layers.remove(old)
             ly = self.viewer.add_image(data, **kwargs)
+            if at is not None:
+                self.viewer.layers.move(self.viewer.layers.index(ly), at)
             self.result_layers.append(ly)
             return ly
         return add
