@@ -203,3 +203,28 @@ def test_truth_grid_keeps_sparse_stain_tissue(tmp_path):
     assert g.lr_mask.all()
     thumb, _ = s.image.thumbnail(1024)
     assert tissue_mask(thumb, modality="fluorescence").mean() < 0.8  # what the old rule built on
+
+
+def test_molecules_layer_coloured_by_gene(tmp_path):
+    """The transcripts Points layer: the most abundant genes in distinct colours, the others one grey; the legend
+    in the metadata matches what each point is drawn in."""
+    from matplotlib.colors import to_rgba
+
+    from napari_diffst.layers import OTHER_GENE_COLOUR, molecule_gene_colours, molecules_layer_data
+
+    s = read(_bundle(tmp_path / "r", np.random.default_rng(5)))
+    yx, kw, kind = molecules_layer_data(s, n_coloured=2)
+    assert kind == "points" and len(yx) == len(s.molecules)
+    cols = kw["metadata"]["gene_colours"]
+    counts = s.molecules["gene"].value_counts()
+    assert list(cols) == list(counts.index[:2])                     # the two most abundant, in order
+    face = np.asarray(kw["face_color"])
+    genes = kw["features"]["gene"].astype(str).to_numpy()
+    for g, c in cols.items():
+        np.testing.assert_allclose(face[genes == g], np.tile(to_rgba(c), ((genes == g).sum(), 1)), atol=1e-6)
+    other = ~np.isin(genes, list(cols))
+    assert other.any() and np.allclose(face[other, :3], to_rgba(OTHER_GENE_COLOUR)[:3])
+    assert set(kw["features"]["colour_gene"].astype(str)) == set(cols) | {"other"}
+    assert len(set(cols.values())) == len(cols)                     # distinct
+    many = molecule_gene_colours(np.repeat([f"g{i:02d}" for i in range(30)], np.arange(30, 0, -1)), n_top=20)
+    assert len(set(many.values())) == 20 and "g00" in many and "g29" not in many
