@@ -49,6 +49,10 @@ class _FluorRGB:
         self.dtype = np.dtype(np.uint8)
         self.ndim = 3
 
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
     def __getitem__(self, key):
         if not isinstance(key, tuple):
             key = (key,)
