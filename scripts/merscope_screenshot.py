@@ -64,7 +64,8 @@ def main(argv=None):
     for ax in axs:
         ax.set_axis_off()
     handles = [Patch(color=c, label=g) for g, c in colours.items()]
-    handles.append(Patch(color=pts.metadata["other_colour"], label=f"other {len(pts.features['gene'].cat.categories) - len(colours)} genes"))
+    n_other = len(pts.features["gene"].cat.categories) - len(colours)
+    handles.append(Patch(color=pts.metadata["other_colour"], label=f"other {n_other} genes"))
     fig.legend(handles=handles, loc="lower center", ncol=6, fontsize=9, frameon=False)
     fig.suptitle("napari (shown viewer, Xvfb): MERSCOPE region opened by napari-diffst — DAPI with transcripts "
                  "coloured by gene", fontsize=11)

@@ -53,7 +53,8 @@ import scipy.sparse as sp
 
 from .errors import DataFormatError, DiffSTError
 
-__all__ = ["TruthGrid", "truth_grid", "truth_tissue_mask", "top_genes", "stripes", "validate_truth_result", "format_truth_table",
+__all__ = ["TruthGrid", "truth_grid", "truth_tissue_mask", "top_genes", "stripes", "validate_truth_result",
+           "format_truth_table",
            "cmd_truth_benchmark", "split_half_log_ceiling", "crps_coverage",
            "run_truth_benchmark", "SAMPLING_METHODS"]
 
