@@ -261,3 +261,21 @@ def test_binning_hr_sums_equal_lr_sums_exactly():
     # a molecule exactly on a bin edge goes to the bin on its right/below (half-open bins)
     M, _ = bin_counts([10.0], [0.0], [0], 1, origin=(0, 0), bin_size=10.0, shape=(1, 2))
     assert M.toarray()[:, 0].tolist() == [0, 1]
+
+
+def test_info_describes_both_formats(tmp_path, capsys):
+    """``napari-diffst info`` on a MERSCOPE region and a Xenium bundle: format, what the observations are,
+    molecules, skipped controls and low-qv molecules, the morphology stains."""
+    from napari_diffst.cli import main
+
+    _write_merscope(tmp_path / "region", np.random.default_rng(0))
+    _write_xenium(tmp_path / "xenium", np.random.default_rng(0))
+    assert main(["info", str(tmp_path / "region")]) == 0
+    out = capsys.readouterr().out
+    assert "merscope" in out and "bins × 3 genes" in out and "molecules of 3 genes" in out
+    assert "2 control probes skipped" in out and "obs = 10 µm bins" in out and "morphology DAPI/PolyT" in out
+    assert "spot Ø" not in out
+    assert main(["info", str(tmp_path / "xenium")]) == 0
+    out = capsys.readouterr().out
+    assert "xenium" in out and "6 cells × 3 genes" in out and "control probes skipped" in out
+    assert "below qv 20 dropped" in out and "obs = cells" in out and "morphology DAPI" in out

@@ -73,6 +73,7 @@ __all__ = [
     "cubic_upsample",
     "hr_colour",
     "histology_features",
+    "field_modality",
 ]
 
 
@@ -113,11 +114,56 @@ def hr_colour(field) -> np.ndarray:
     return he.reshape(C, Hk // k, k, Wk // k, k).mean(axis=(2, 4)).transpose(1, 2, 0)
 
 
-def histology_features(field, context_sigmas: tuple = (1.0, 2.0)) -> np.ndarray:
+def field_modality(field, modality: str | None = None) -> str:
+    """'brightfield' or 'fluorescence' for a field's image: ``modality`` when given, else the field's
+    ``extra['modality']`` (set from the image by the field makers), else detected on the field's own image."""
+    from .data.fluorescence import detect_modality
+
+    m = modality or (field.extra or {}).get("modality")
+    if m in ("brightfield", "fluorescence"):
+        return m
+    if m is not None:
+        raise ValueError(f"modality must be 'brightfield' or 'fluorescence', not {m!r}")
+    return detect_modality(np.asarray(field.he, np.float32).transpose(1, 2, 0))
+
+
+def _fluor_base_maps(he: np.ndarray, k: int, threshold: float | None) -> list:
+    """11 per-HR-pixel maps of a fluorescence field image (C, H·k, W·k) in [0, 1] (channel 0 nuclear, 1 second
+    stain): nuclear mean/std, second-stain mean/std, nuclear-pixel fraction (above ``threshold``, else the Otsu
+    threshold of this image), nuclear intensity inside nuclei, second stain outside them, gradient energy,
+    |Laplacian|, DoG energies (1–2 and 2–4 image pixels) of the nuclear channel."""
+    from skimage.filters import threshold_otsu
+
+    C, Hk, Wk = he.shape
+    H, W = Hk // k, Wk // k
+    dapi, poly = he[0], he[1]
+    if threshold is None:
+        threshold = float(threshold_otsu(dapi)) if float(dapi.max()) > float(dapi.min()) else 0.5
+    ds = ndi.gaussian_filter(dapi, 0.5) if k > 1 else dapi
+    nuc = (ds > threshold).astype(np.float32)
+    grad = ndi.sobel(ds, 0) ** 2 + ndi.sobel(ds, 1) ** 2
+    lap = np.abs(ndi.laplace(ds))
+    b1, b2, b4 = (ndi.gaussian_filter(dapi, v) for v in (1.0, 2.0, 4.0))
+
+    def bm(a):
+        return a.reshape(H, k, W, k).mean(axis=(1, 3))
+
+    nf = bm(nuc)
+    has = nf > 1e-2
+    return [bm(dapi), np.sqrt(np.maximum(bm(dapi ** 2) - bm(dapi) ** 2, 0)), bm(poly),
+            np.sqrt(np.maximum(bm(poly ** 2) - bm(poly) ** 2, 0)), nf,
+            np.where(has, bm(dapi * nuc) / np.maximum(nf, 1e-3), 0.0), bm(poly * (1 - nuc)), bm(grad), bm(lap),
+            bm(np.abs(b1 - b2)), bm(np.abs(b2 - b4))]
+
+
+def histology_features(field, context_sigmas: tuple = (1.0, 2.0), modality: str | None = None) -> np.ndarray:
     """Handcrafted per-HR-pixel histology features (F, H, W), iStar-style.
 
-    Per pixel (over its k×k H&E block): mean RGB (3), std RGB (3), mean H/E/D stain densities from
-    :func:`skimage.color.rgb2hed` (3), gradient energy (Sobel² of grey, 1), |Laplacian| of grey (1).
+    Brightfield (H&E), per pixel (over its k×k H&E block): mean RGB (3), std RGB (3), mean H/E/D stain densities
+    from :func:`skimage.color.rgb2hed` (3), gradient energy (Sobel² of grey, 1), |Laplacian| of grey (1).
+    Fluorescence (DAPI/PolyT; :func:`field_modality` decides, ``modality`` overrides): 11 stain-intensity maps
+    instead (:func:`_fluor_base_maps`: nuclear and second-stain mean/std, nuclear fraction, …; no colour
+    deconvolution), the nuclear threshold from ``field.extra['nuclear_threshold']`` when the field maker set it.
     Context: the same 11 maps Gaussian-blurred on the HR grid at σ = ``c · s`` for each ``c`` in
     ``context_sigmas`` (s = LR scale)."""
     from skimage.color import rgb2hed
@@ -126,6 +172,12 @@ def histology_features(field, context_sigmas: tuple = (1.0, 2.0)) -> np.ndarray:
     he = np.clip(np.asarray(field.he, np.float32), 0, 1)
     C, Hk, Wk = he.shape
     H, W = Hk // k, Wk // k
+    if field_modality(field, modality) == "fluorescence":
+        base = np.stack(_fluor_base_maps(he, k, (field.extra or {}).get("nuclear_threshold"))).astype(np.float32)
+        feats = [base]
+        for c in context_sigmas:
+            feats.append(np.stack([ndi.gaussian_filter(m, c * s, mode="nearest") for m in base]))
+        return np.concatenate(feats).astype(np.float32)
     rgb = he.transpose(1, 2, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

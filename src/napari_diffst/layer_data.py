@@ -12,7 +12,8 @@ from .data.sample import Sample, xy_affine_to_napari
 
 __all__ = ["sample_to_layer_data", "spot_features", "histology_layer_data", "spots_layer_data",
            "default_display_gene", "overlay_colormap", "maps_layer_data", "GENE_COLORMAPS",
-           "OVERLAY_BLENDING", "OVERLAY_OPACITY", "fluorescence_layer_data", "molecules_layer_data"]
+           "OVERLAY_BLENDING", "OVERLAY_OPACITY", "fluorescence_layer_data", "molecules_layer_data",
+           "molecule_gene_colours", "N_COLOURED_GENES", "OTHER_GENE_COLOUR"]
 
 #: colormaps given to genes in turn (the same gene keeps its colormap in the Sample and Compare views and
 #: when a written file is opened again); shown as :func:`overlay_colormap` (low values transparent)
@@ -99,15 +100,48 @@ def fluorescence_layer_data(sample: Sample):
     )
 
 
-def molecules_layer_data(sample: Sample, max_points: int = MAX_DISPLAY_MOLECULES, seed: int = 0):
-    """Transcripts as a Points layer in µm with ``gene`` in features (a seeded subsample above ``max_points``)."""
+#: the most abundant genes of a molecules layer get distinct colours (tab10 then Dark2/Set1: 20 colours); every
+#: other gene is OTHER_GENE_COLOUR (control probes never reach the layer: the readers drop them)
+N_COLOURED_GENES = 10
+OTHER_GENE_COLOUR = "#8c8c8c"
+
+
+def molecule_gene_colours(genes, n_top: int = N_COLOURED_GENES) -> dict:
+    """{gene: '#rrggbb'} for a molecules table's gene column: the ``n_top`` most frequent genes (ties by name) get
+    distinct categorical colours in order of abundance; the rest are left out (drawn in :data:`OTHER_GENE_COLOUR`)."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    vc = pd.Series(np.asarray(genes).astype(str)).value_counts()
+    order = sorted(vc.index, key=lambda g: (-int(vc[g]), g))[:max(0, int(n_top))]
+    palette = [to_hex(c) for c in colormaps["tab10"].colors] + [to_hex(c) for c in colormaps["Dark2"].colors] + \
+        [to_hex(c) for c in colormaps["Set1"].colors]
+    palette = [c for c in palette if c.lower() not in ("#7f7f7f", "#666666", "#999999")]  # greys read as 'other'
+    return {g: palette[i % len(palette)] for i, g in enumerate(order)}
+
+
+def molecules_layer_data(sample: Sample, max_points: int = MAX_DISPLAY_MOLECULES, seed: int = 0,
+                         n_coloured: int = N_COLOURED_GENES):
+    """Transcripts as a Points layer in µm with ``gene`` in features (a seeded subsample above ``max_points``),
+    coloured by gene: the ``n_coloured`` most abundant genes of the whole table get distinct colours, the others
+    grey (:func:`molecule_gene_colours`; the legend is in ``metadata['gene_colours']``, and ``features['colour_gene']``
+    holds each point's legend entry: its gene, or 'other')."""
+    from matplotlib.colors import to_rgba
+
     mol = sample.molecules
     n = len(mol)
     idx = np.arange(n)
     if n > max_points:
         idx = np.sort(np.random.default_rng(seed).choice(n, max_points, replace=False))
     yx = np.c_[mol["y"].to_numpy()[idx], mol["x"].to_numpy()[idx]]
-    feats = pd.DataFrame({"gene": mol["gene"].iloc[idx].reset_index(drop=True)})
+    genes = mol["gene"].iloc[idx].reset_index(drop=True)
+    colours = molecule_gene_colours(mol["gene"], n_coloured)
+    g_str = genes.astype(str).to_numpy()
+    legend = np.where(np.isin(g_str, list(colours)), g_str, "other")
+    feats = pd.DataFrame({"gene": genes, "colour_gene": pd.Categorical(legend)})
+    lut = {g: to_rgba(c) for g, c in colours.items()}
+    other = to_rgba(OTHER_GENE_COLOUR, 0.6)
+    face = np.array([lut.get(g, other) for g in g_str], np.float32).reshape(-1, 4)
     return (
         yx,
         {
@@ -117,11 +151,12 @@ def molecules_layer_data(sample: Sample, max_points: int = MAX_DISPLAY_MOLECULES
             "affine": xy_affine_to_napari(sample.transform, sample.um_per_px),
             "units": ("um", "um"),
             "features": feats,
-            "face_color": "gene",
+            "face_color": face,
             "border_width": 0.0,
             "opacity": 0.9,
             "metadata": {"diffst_role": "molecules", "diffst_sample": sample, "n_total": int(n),
-                         "n_shown": int(len(idx))},
+                         "n_shown": int(len(idx)), "gene_colours": dict(colours),
+                         "other_colour": OTHER_GENE_COLOUR},
         },
         "points",
     )

@@ -14,9 +14,10 @@ Protocol (docs/benchmark.md, "Real HR truth")
   square), so both are log counts per HR-square area.  No per-bin library normalisation: at 5–10 µm most HR
   squares hold 0–3 molecules of a gene and a handful in total, and dividing by such a library (CP10k) turns
   one molecule into a huge value; empty HR squares inside the tissue are kept as true zeros.
-* Tissue: LR squares whose total molecule count (all genes) is at least 1/10 of the median over non-empty
-  squares and (with an image) whose nuclear-stain tissue mask covers ≥ ¼ of the square; HR squares inherit
-  their LR square's mask.
+* Tissue (:func:`truth_tissue_mask`): LR squares whose total molecule count (all genes) is at least 1/10 of the
+  median over non-empty squares and (with an image) with tissue evidence in the image: for a fluorescence image
+  ≥ 2 % of the square with nuclear-stain signal, for H&E ≥ ¼ of the square in the tissue mask; HR squares
+  inherit their LR square's mask.
 * Genes: the ``n_genes`` most abundant genes by total LR count of the region (the LR is what a user has).
 * Spatial folds: the LR grid is cut into ``folds`` stripes across its longer axis.  For each fold every method
   is fitted on the other stripes (split into two training fields; the second one also serves as the
@@ -52,7 +53,8 @@ import scipy.sparse as sp
 
 from .errors import DataFormatError, DiffSTError
 
-__all__ = ["TruthGrid", "truth_grid", "top_genes", "stripes", "validate_truth_result", "format_truth_table",
+__all__ = ["TruthGrid", "truth_grid", "truth_tissue_mask", "top_genes", "stripes", "validate_truth_result",
+           "format_truth_table",
            "cmd_truth_benchmark", "split_half_log_ceiling", "crps_coverage",
            "run_truth_benchmark", "SAMPLING_METHODS"]
 
@@ -100,19 +102,38 @@ def _molecule_arrays(sample):
     return xy[X.row, 0], xy[X.row, 1], X.col, X.data.astype(np.int64), list(map(str, sample.adata.var_names))
 
 
+#: fluorescence tissue evidence: a thumbnail pixel has stain signal when its smoothed nuclear stain (stretched to
+#: [0, 1] by the reader's percentiles) exceeds STAIN_LEVEL; a square needs MIN_STAIN_FRAC of its area with signal
+STAIN_LEVEL, MIN_STAIN_FRAC = 0.05, 0.02
+#: brightfield: a square needs this fraction of its area inside registration's tissue mask
+MIN_TISSUE_FRAC = 0.25
+#: counts: a square needs this fraction of the median total count of the non-empty squares
+MIN_COUNT_FRAC = 0.1
+
+
 def _image_tissue_fraction(sample, origin, lr_px, shape) -> np.ndarray | None:
-    """Fraction of each LR square covered by the image's tissue mask (None without an image)."""
+    """Fraction of each LR square with tissue evidence in the image (None without an image).
+
+    Brightfield: covered by registration's tissue mask (:func:`~napari_diffst.data.registration.tissue_mask`).
+    Fluorescence: with nuclear-stain signal (smoothed stain > :data:`STAIN_LEVEL`).  DAPI marks nuclei only, so an
+    intensity/Otsu "tissue" mask of a brain region keeps the dense cell layers and drops neuropil and white matter
+    that hold as many molecules; any stain signal in the square is the evidence instead."""
+    from scipy import ndimage as ndi
+
+    from .data.fluorescence import image_modality
     from .data.registration import tissue_mask
 
     img = sample.image
     if img is None:
         return None
     thumb, f = img.thumbnail(1024)
-    from .data.fluorescence import image_modality
-
-    m = tissue_mask(thumb, modality=image_modality(img)).astype(np.float32)
+    if image_modality(img) == "fluorescence":
+        a = np.asarray(thumb, np.float32)
+        a = (a[..., 0] if a.ndim == 3 else a) / (255.0 if a.max() > 1.5 else 1.0)
+        m = (ndi.gaussian_filter(a, 4.0) > STAIN_LEVEL).astype(np.float32)
+    else:
+        m = tissue_mask(thumb, modality="brightfield").astype(np.float32)
     h, w = shape
-    out = np.zeros((h, w), np.float32)
     fr = float(getattr(img, "fullres_per_px", 1.0) or 1.0)
     ys = (np.arange(m.shape[0]) + 0.5) / f * fr
     xs = (np.arange(m.shape[1]) + 0.5) / f * fr
@@ -125,6 +146,21 @@ def _image_tissue_fraction(sample, origin, lr_px, shape) -> np.ndarray | None:
     with np.errstate(invalid="ignore", divide="ignore"):
         out = np.where(cnt > 0, tis / np.maximum(cnt, 1), 0.0)
     return out.astype(np.float32)
+
+
+def truth_tissue_mask(total_counts: np.ndarray, image_fraction: np.ndarray | None,
+                      modality: str = "brightfield") -> np.ndarray:
+    """LR tissue mask from the truth's total counts per square (h, w) and the image's tissue fraction
+    (:func:`_image_tissue_fraction`; None without an image): counts ≥ :data:`MIN_COUNT_FRAC` × the median of
+    the non-empty squares, and image evidence ≥ :data:`MIN_STAIN_FRAC` (fluorescence) or
+    :data:`MIN_TISSUE_FRAC` (brightfield) of the square."""
+    tot = np.asarray(total_counts, np.float64)
+    nz = tot[tot > 0]
+    mask = tot >= MIN_COUNT_FRAC * (np.median(nz) if nz.size else 1.0)
+    mask &= tot > 0
+    if image_fraction is not None:
+        mask &= image_fraction >= (MIN_STAIN_FRAC if modality == "fluorescence" else MIN_TISSUE_FRAC)
+    return mask
 
 
 def truth_grid(sample, lr_um: float, scale: int) -> TruthGrid:
@@ -159,12 +195,11 @@ def truth_grid(sample, lr_um: float, scale: int) -> TruthGrid:
     else:
         hr, _ = bin_counts(x, y, codes, G, origin=(x0, y0), bin_size=lr_px / s, shape=(h * s, w * s), weights=wts)
     lr, _ = aggregate_bins(hr, (h * s, w * s), s)
+    from .data.fluorescence import image_modality
+
     tot = np.asarray(lr.sum(axis=1)).ravel().reshape(h, w)
-    nz = tot[tot > 0]
-    mask = tot >= 0.1 * (np.median(nz) if nz.size else 1.0)
     frac = _image_tissue_fraction(sample, (x0, y0), lr_px, (h, w))
-    if frac is not None:
-        mask &= frac >= 0.25
+    mask = truth_tissue_mask(tot, frac, image_modality(sample.image))
     return TruthGrid(sample, genes, s, float(lr_um), (x0, y0), (h, w), hr.tocsr(), lr.tocsr(), mask)
 
 
@@ -220,6 +255,10 @@ def _make_field(sample, name, genes, s, hr_c, hr_mask, lr_c, lr_mask, n_per_lr, 
     modality = "fluorescence" if getattr(sample.image, "modality", None) == "fluorescence" else "brightfield"
     extra = {"mode": "imaging_truth", "hr_affine": A_hr, "lr_affine": A_lr, "he_affine": A_he,
              "lr_um": hr_px * s * um, "he_um_per_px": hr_px / k * um, "modality": modality}
+    if modality == "fluorescence":  # one nucleus definition (the image's Otsu threshold) for every field
+        from .data.fluorescence import nuclear_threshold
+
+        extra["nuclear_threshold"] = nuclear_threshold(sample.image)
     return SRField(name=name, genes=list(genes), scale=s, lr=lr_v.astype(np.float32), lr_mask=lr_mask,
                    hr=None if hr_v is None else hr_v.astype(np.float32), hr_mask=hr_mask, he=he, he_per_hr=k,
                    hr_um=float(hr_px * um), gene_scale=np.asarray(gene_scale, np.float32).reshape(-1),

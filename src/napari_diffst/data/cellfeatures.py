@@ -18,6 +18,17 @@ diameter, HR pixel)``, where the expression was measured) and over the whole HR 
 
 The thresholds are fixed physical/optical-density values (not fitted to any section); the features are
 standardised later by whoever uses them, on the training sections only.
+
+**Fluorescence** (DAPI, optionally PolyT: imaging-based ST, :mod:`napari_diffst.data.fluorescence`): colour
+deconvolution means nothing on a stain-intensity image, so a fluorescence image gets its own maps
+(:data:`FLUOR_FEATURE_MAPS`), chosen automatically from ``image.modality`` (set by the readers, else detected
+from a thumbnail; ``modality=`` overrides): nuclear intensity and its square, the nuclear mask (smoothed DAPI
+above the image's Otsu threshold, :func:`~napari_diffst.data.fluorescence.nuclear_threshold`), nucleus blobs
+(local maxima of the LoG at σ = 3 µm, nucleus scale), the area of each nucleus component (µm², capped at
+400 µm²), the second stain (PolyT) and its square and its level outside nuclei (zeros without one), gradient
+energies at 1 and 3 µm and DoG band energies at 1–8 µm of the nuclear channel; derived per window: intensity
+std, second-stain std, mean nucleus area, DAPI inside nuclei.  Filter scales are in µm.  Every map is bounded
+(intensities in [0, 1], areas capped), so no feature is unbounded on any image.
 """
 from __future__ import annotations
 
@@ -27,7 +38,8 @@ import warnings
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["CELL_FEATURE_MAPS", "cell_feature_names", "cell_feature_maps", "add_cell_features"]
+__all__ = ["CELL_FEATURE_MAPS", "FLUOR_FEATURE_MAPS", "cell_feature_names", "cell_feature_maps",
+           "add_cell_features"]
 
 #: per-pixel maps averaged per window (order of the output features, then the derived ones)
 CELL_FEATURE_MAPS = ("H", "E", "D", "white", "nuc", "blob", "grad1", "grad3", "dog1", "dog2", "dog4",
@@ -38,9 +50,49 @@ _WINDOWS = ("spot", "cell")
 NUC_OD, BLOB_OD, BLOB_LOG, WHITE = 0.06, 0.04, 0.01, 0.78
 
 
-def cell_feature_names() -> list[str]:
-    """Names of the features :func:`cell_feature_maps` returns, in order."""
-    return [f"{w}_{k}" for w in _WINDOWS for k in CELL_FEATURE_MAPS + _DERIVED]
+#: per-pixel maps of a fluorescence image (nuclear stain channel 0, second stain channel 1)
+FLUOR_FEATURE_MAPS = ("dapi", "dapi2", "nuc", "blob", "nuc_area", "poly", "poly2", "poly_cyto", "grad1", "grad3",
+                      "dog1", "dog2", "dog4", "dog8", "dapi_nuc")
+_FLUOR_DERIVED = ("dapi_std", "poly_std", "nuc_mean_area", "dapi_in_nuc")
+#: nucleus scale (µm): LoG σ, blob spacing; nucleus-component area cap (µm²)
+NUC_SIGMA_UM, BLOB_SPACING_UM, MAX_NUC_AREA_UM2 = 3.0, 6.0, 400.0
+
+
+def _modality_maps(modality: str) -> tuple[tuple, tuple]:
+    if modality == "fluorescence":
+        return FLUOR_FEATURE_MAPS, _FLUOR_DERIVED
+    if modality != "brightfield":
+        raise ValueError(f"modality must be 'brightfield' or 'fluorescence', not {modality!r}")
+    return CELL_FEATURE_MAPS, _DERIVED
+
+
+def cell_feature_names(modality: str = "brightfield") -> list[str]:
+    """Names of the features :func:`cell_feature_maps` returns for an image of ``modality``, in order."""
+    maps, derived = _modality_maps(modality)
+    return [f"{w}_{k}" for w in _WINDOWS for k in maps + derived]
+
+
+def _fluor_pixel_maps(img: np.ndarray, px_um: float, threshold: float, second: bool) -> dict:
+    """Per-pixel fluorescence maps of one strip; ``img`` (h, w, 3) float32 in [0, 1] (channel 0 nuclear, channel 1
+    the second stain when ``second``) at ``px_um`` µm/px; ``threshold``: nuclear threshold (stretched units)."""
+    u = 1.0 / px_um  # px per µm
+    dapi = img[..., 0]
+    poly = img[..., 1] if second else np.zeros_like(dapi)
+    ds = ndi.gaussian_filter(dapi, 0.5 * u)
+    nuc = ds > threshold
+    log = -ndi.gaussian_laplace(dapi, NUC_SIGMA_UM * u) * (NUC_SIGMA_UM * u) ** 2  # scale-normalised
+    blob = (log == ndi.maximum_filter(log, max(3, int(round(BLOB_SPACING_UM * u)) | 1))) & (log > 0.02) & nuc
+    lab, _ = ndi.label(nuc)
+    areas = np.minimum(np.bincount(lab.ravel()).astype(np.float32) * px_um ** 2, MAX_NUC_AREA_UM2)
+    areas[0] = 0.0
+    blur = {s: ndi.gaussian_filter(dapi, s * u) for s in (1, 2, 4, 8, 16)}
+    dog = {s: np.abs(blur[s] - blur[2 * s]) for s in (1, 2, 4, 8)}
+    nf = nuc.astype(np.float32)
+    return {"dapi": dapi, "dapi2": dapi * dapi, "nuc": nf, "blob": blob.astype(np.float32),
+            "nuc_area": areas[lab], "poly": poly, "poly2": poly * poly, "poly_cyto": poly * (1.0 - nf),
+            "grad1": ndi.gaussian_gradient_magnitude(dapi, 1.0 * u),
+            "grad3": ndi.gaussian_gradient_magnitude(dapi, 3.0 * u), "dog1": dog[1], "dog2": dog[2],
+            "dog4": dog[4], "dog8": dog[8], "dapi_nuc": dapi * nf}
 
 
 def _pixel_maps(rgb: np.ndarray, px_um: float) -> dict:
@@ -73,24 +125,33 @@ def _pixel_maps(rgb: np.ndarray, px_um: float) -> dict:
 
 def cell_feature_maps(sample, A_hr: np.ndarray, hr_shape: tuple[int, int], hr_um: float, *,
                       um_per_px: float = 1.25, spot_um: float | None = None, max_px_per_hr: int = 256,
-                      strip_px: int = 2_000_000, progress=None) -> np.ndarray:
-    """Cell-level features (F, H, W) float32 (:func:`cell_feature_names`) on an HR grid.
+                      strip_px: int = 2_000_000, progress=None, modality: str | None = None) -> np.ndarray:
+    """Cell-level features (F, H, W) float32 (:func:`cell_feature_names` of the modality) on an HR grid.
 
     ``A_hr`` maps (col, row, 1) of the HR grid to the sample's *spot frame* (as in
     :func:`~napari_diffst.data.grids.make_field`; the registration is applied on top); ``hr_um`` is the HR
     pixel size.  The H&E is sampled at ``m = round(hr_um / um_per_px)`` px per HR pixel (clamped to
     [4, ``max_px_per_hr``]), strip by strip.  ``spot_um``: the spot diameter (the 'spot' window is a disk of
     diameter ``min(spot_um, hr_um)``; the inscribed disk when None).  ``strip_px``: H&E pixels read per strip
-    (whole HR rows; bounds the memory).  ``progress(rows_done, rows)`` after each strip.  A sample without an
-    image gives zeros.
+    (whole HR rows; bounds the memory).  ``progress(rows_done, rows)`` after each strip.  ``modality``:
+    'brightfield' (H&E maps) or 'fluorescence' (DAPI/PolyT maps); None: the image's own
+    (:func:`~napari_diffst.data.fluorescence.image_modality`).  A sample without an image gives zeros.
     """
+    from .fluorescence import image_modality, nuclear_threshold
     from .grids import sample_image
 
     H, W = int(hr_shape[0]), int(hr_shape[1])
-    names = cell_feature_names()
+    img = getattr(sample, "image", None)
+    modality = modality or image_modality(img)
+    maps_names, derived = _modality_maps(modality)
+    names = cell_feature_names(modality)
     out = np.zeros((len(names), H, W), np.float32)
-    if getattr(sample, "image", None) is None or H == 0 or W == 0:
+    if img is None or H == 0 or W == 0:
         return out
+    fluor = modality == "fluorescence"
+    if fluor:
+        thr = nuclear_threshold(img)
+        second = len(getattr(img, "channel_names", None) or []) > 1
     m = int(np.clip(round(float(hr_um) / float(um_per_px)), 4, int(max_px_per_hr)))
     px_um = float(hr_um) / m
     A = np.asarray(A_hr, float) @ np.array([[1 / m, 0, 0.5 / m - 0.5], [0, 1 / m, 0.5 / m - 0.5], [0, 0, 1]])
@@ -100,23 +161,34 @@ def cell_feature_maps(sample, A_hr: np.ndarray, hr_shape: tuple[int, int], hr_um
     yy, xx = np.mgrid[0:m, 0:m]
     disk = (np.hypot(yy - (m - 1) / 2, xx - (m - 1) / 2) <= dia / px_um / 2 + 0.5).astype(np.float32)
     windows = {"spot": disk / disk.sum(), "cell": np.full((m, m), 1.0 / (m * m), np.float32)}
-    n_map = len(CELL_FEATURE_MAPS)
-    n_per = n_map + len(_DERIVED)
+    n_map = len(maps_names)
+    n_per = n_map + len(derived)
     for r0 in range(0, H, rows_per_strip):
         r1 = min(H, r0 + rows_per_strip)
         top = r0 * m - margin
         Ar = A @ np.array([[1, 0, 0], [0, 1, top], [0, 0, 1]], float)
         strip = np.clip(sample_image(sample, Ar, ((r1 - r0) * m + 2 * margin, W * m)), 0, 1)
-        maps = _pixel_maps(strip.transpose(1, 2, 0), px_um)
+        if fluor:
+            maps = _fluor_pixel_maps(strip.transpose(1, 2, 0), px_um, thr, second)
+        else:
+            maps = _pixel_maps(strip.transpose(1, 2, 0), px_um)
         h = r1 - r0
         for wi, wn in enumerate(_WINDOWS):
             w = windows[wn]
             base = wi * n_per
-            for j, k in enumerate(CELL_FEATURE_MAPS):
+            for j, k in enumerate(maps_names):
                 a = maps[k][margin:margin + h * m]
                 out[base + j, r0:r1] = np.einsum("imjn,mn->ij", a.reshape(h, m, W, m), w, optimize=True)
-            f = {k: out[base + j, r0:r1] for j, k in enumerate(CELL_FEATURE_MAPS)}
+            f = {k: out[base + j, r0:r1] for j, k in enumerate(maps_names)}
             nuc = np.maximum(f["nuc"], 1e-3)
+            if fluor:
+                out[base + n_map + 0, r0:r1] = np.sqrt(np.maximum(f["dapi2"] - f["dapi"] ** 2, 0))
+                out[base + n_map + 1, r0:r1] = np.sqrt(np.maximum(f["poly2"] - f["poly"] ** 2, 0))
+                # mean nucleus area / DAPI inside nuclei: 0 where the window holds (almost) no nucleus
+                has = f["nuc"] > 1e-2
+                out[base + n_map + 2, r0:r1] = np.where(has, f["nuc_area"] / nuc, 0.0)
+                out[base + n_map + 3, r0:r1] = np.where(has, f["dapi_nuc"] / nuc, 0.0)
+                continue
             out[base + n_map + 0, r0:r1] = np.sqrt(np.maximum(f["H2"] - f["H"] ** 2, 0))
             out[base + n_map + 1, r0:r1] = np.sqrt(np.maximum(f["E2"] - f["E"] ** 2, 0))
             out[base + n_map + 2, r0:r1] = f["nuc_area"] / nuc
@@ -126,11 +198,16 @@ def cell_feature_maps(sample, A_hr: np.ndarray, hr_shape: tuple[int, int], hr_um
     return out
 
 
-def add_cell_features(field, sample, *, um_per_px: float = 1.25, force: bool = False):
+def add_cell_features(field, sample, *, um_per_px: float = 1.25, force: bool = False,
+                      modality: str | None = None):
     """Compute :func:`cell_feature_maps` for ``field`` (made from ``sample`` by ``make_field``) and store them
     in ``field.extra['cell_features']`` (F, H, W) with ``field.extra['cell_feature_names']`` and
     ``field.extra['cell_um_per_px']`` (``um_per_px``, or the image's own pixel size when that is coarser:
-    a downscaled PNG is not upsampled).  Returns the field (modified in place); a no-op when present."""
+    a downscaled PNG is not upsampled) and ``field.extra['cell_modality']``.  ``modality`` overrides the
+    image's (brightfield H&E maps vs fluorescence DAPI/PolyT maps).  Returns the field (modified in place); a
+    no-op when present."""
+    from .fluorescence import image_modality
+
     if not force and field.extra.get("cell_features") is not None:
         return field
     T = np.asarray(sample.transform, float)
@@ -140,8 +217,10 @@ def add_cell_features(field, sample, *, um_per_px: float = 1.25, force: bool = F
         native = float(sample.um_per_px) * float(getattr(img, "fullres_per_px", 1.0) or 1.0)
         um_per_px = max(float(um_per_px), native)
     spot_um = float(getattr(sample, "spot_diameter_um", 0) or 0) or None
+    modality = modality or image_modality(img)
     field.extra["cell_features"] = cell_feature_maps(sample, A_hr, field.hr_shape, field.hr_um,
-                                                     um_per_px=um_per_px, spot_um=spot_um)
-    field.extra["cell_feature_names"] = cell_feature_names()
+                                                     um_per_px=um_per_px, spot_um=spot_um, modality=modality)
+    field.extra["cell_feature_names"] = cell_feature_names(modality)
+    field.extra["cell_modality"] = modality
     field.extra["cell_um_per_px"] = float(um_per_px)
     return field

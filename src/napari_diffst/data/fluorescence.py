@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["fluorescence_image", "detect_modality", "image_modality", "FLUOR_LOW_PCT", "FLUOR_HIGH_PCT"]
+__all__ = ["fluorescence_image", "detect_modality", "image_modality", "nuclear_threshold", "FLUOR_LOW_PCT",
+           "FLUOR_HIGH_PCT"]
 
 FLUOR_LOW_PCT, FLUOR_HIGH_PCT = 0.5, 99.8
 
@@ -47,6 +48,10 @@ class _FluorRGB:
         self.shape = (int(H), int(W), 3)
         self.dtype = np.dtype(np.uint8)
         self.ndim = 3
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
 
     def __getitem__(self, key):
         if not isinstance(key, tuple):
@@ -120,3 +125,27 @@ def image_modality(image) -> str:
     except AttributeError:  # pragma: no cover
         pass
     return m
+
+
+def nuclear_threshold(image, max_size: int = 2048) -> float:
+    """Otsu threshold of the nuclear channel (channel 0, stretched to [0, 1]) on a thumbnail of ``image``
+    (longest side ≤ ``max_size``; lightly smoothed), cached on the image as ``nuclear_threshold_``.  One value per
+    image, so every field cut from it uses the same nucleus definition."""
+    from scipy import ndimage as ndi
+    from skimage.filters import threshold_otsu
+
+    cached = getattr(image, "nuclear_threshold_", None)
+    if cached is not None:
+        return float(cached)
+    thumb, _ = image.thumbnail(max_size)
+    a = np.asarray(thumb, np.float32)
+    a = a[..., 0] if a.ndim == 3 else a
+    if a.max() > 1.5:
+        a = a / 255.0
+    a = ndi.gaussian_filter(a, 1.0)
+    thr = float(threshold_otsu(a)) if float(a.max()) > float(a.min()) else 0.5
+    try:
+        image.nuclear_threshold_ = thr
+    except AttributeError:  # pragma: no cover
+        pass
+    return thr

@@ -414,13 +414,15 @@ class Sample:
 
     def summary(self) -> str:
         shp = "no image" if self.image is None else f"image {self.image.shape[1]}×{self.image.shape[0]} px"
-        out = (f"{self.name}: {self.technology}, {self.n_spots} spots × {self.adata.n_vars} genes, "
-               f"{shp}, {self.um_per_px:.4g} µm/px, spot Ø {self.spot_diameter_um:g} µm")
         if self.molecules is not None or "imaging" in self.adata.uns:  # imaging-based ST (MERSCOPE, Xenium)
             from .molecules import describe_imaging
 
-            out += describe_imaging(self)
-        return out
+            unit = (self.adata.uns.get("imaging") or {}).get("unit")
+            obs = "cells" if unit == "cells" else "bins" if unit == "bins" else "spots"
+            return (f"{self.name}: {self.technology}, {self.n_spots} {obs} × {self.adata.n_vars} genes, {shp}, "
+                    f"{self.um_per_px:.4g} µm/px" + describe_imaging(self))
+        return (f"{self.name}: {self.technology}, {self.n_spots} spots × {self.adata.n_vars} genes, "
+                f"{shp}, {self.um_per_px:.4g} µm/px, spot Ø {self.spot_diameter_um:g} µm")
 
     def __repr__(self) -> str:  # dataclass repr would dump the AnnData
         return f"Sample({self.summary()})"

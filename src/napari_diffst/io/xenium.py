@@ -198,6 +198,10 @@ class _Plane:
         self.dtype = arr.dtype
         self.ndim = 2
 
+    @property
+    def size(self) -> int:  # napari's LayerDataProtocol (multiscale levels) asks for it
+        return int(self.shape[0]) * int(self.shape[1])
+
     def __getitem__(self, key):
         if not isinstance(key, tuple):
             key = (key,)
