@@ -210,7 +210,7 @@ def test_molecules_layer_coloured_by_gene(tmp_path):
     in the metadata matches what each point is drawn in."""
     from matplotlib.colors import to_rgba
 
-    from napari_diffst.layers import OTHER_GENE_COLOUR, molecule_gene_colours, molecules_layer_data
+    from napari_diffst.layer_data import OTHER_GENE_COLOUR, molecule_gene_colours, molecules_layer_data
 
     s = read(_bundle(tmp_path / "r", np.random.default_rng(5)))
     yx, kw, kind = molecules_layer_data(s, n_coloured=2)
