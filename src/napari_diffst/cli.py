@@ -34,39 +34,13 @@ def cmd_demo(args) -> int:
     viewer = napari.Viewer(title="napari-diffst demo")
     viewer.open_sample("napari-diffst", "synthetic")
     viewer.window.add_plugin_dock_widget("napari-diffst", "Super-resolve ST")
-    _fit_demo_window(viewer)
+    from ._widgets.demo import fit_demo_window  # Qt lives in the widget layer
+
+    fit_demo_window(viewer)
     if args.no_run:
         return 0
     napari.run()
     return 0
-
-
-#: The demo window takes this fraction of the screen's available width and height.
-DEMO_SCREEN_FRACTION = 0.9
-
-
-def _fit_demo_window(viewer, fraction: float = DEMO_SCREEN_FRACTION) -> None:
-    """Size the demo window to the screen, say which gene colours the spots, and fit the view to the canvas
-    that is left once the dock is in (again when the event loop has laid the window out)."""
-    from qtpy.QtCore import QTimer
-    from qtpy.QtWidgets import QApplication
-
-    win = viewer.window._qt_window
-    screen = win.screen() if hasattr(win, "screen") and win.screen() is not None else QApplication.primaryScreen()
-    if screen is not None:
-        geo = screen.availableGeometry()
-        w, h = int(geo.width() * fraction), int(geo.height() * fraction)
-        win.resize(w, h)
-        win.move(geo.x() + (geo.width() - w) // 2, geo.y() + (geo.height() - h) // 2)
-    spots = [ly for ly in viewer.layers if ly.metadata.get("diffst_role") == "spots"]
-    gene = spots[0].metadata.get("gene") if spots else None
-    if gene:
-        viewer.text_overlay.text = f"spots coloured by {gene} (log1p CP10k)"
-        viewer.text_overlay.visible = True
-    viewer.window._qt_window.show()
-    QApplication.processEvents()
-    viewer.reset_view()
-    QTimer.singleShot(0, viewer.reset_view)  # after the dock and the window size have settled
 
 
 def cmd_info(args) -> int:
