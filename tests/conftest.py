@@ -84,3 +84,22 @@ def save_screenshot(img, name: str) -> Path:
     p = SCREENSHOTS / f"{name}.png"
     Image.fromarray(img).save(p)
     return p
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread in the test process, as in the subprocesses of :func:`single_thread_env`: bit-for-bit
+    comparisons need the same thread count on both sides (float sums differ with it)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def single_thread_env(src: str) -> dict:
+    """The environment of a one-thread subprocess that imports napari_diffst from ``src``."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env

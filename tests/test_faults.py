@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import single_thread_env
 import torch
 
 import napari_diffst
@@ -36,19 +37,12 @@ TRAIN = ["train", "--data", "synthetic", "--scale", "4", "--n-genes", "3", "--bu
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The subprocesses run one torch thread; bit-for-bit comparisons need the same here (float sums differ
-    with the thread count)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """The subprocesses run one torch thread; bit-for-bit comparisons need the same here."""
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return single_thread_env(SRC)
 
 
 def _cli(args, **kw):
@@ -369,17 +363,22 @@ def test_disk_full_during_checkpoint_write_is_a_clear_error(tmp_path):
     assert read_checkpoint(run)["step"] == 2 and not _hidden(run)
 
 
-KILL_ZARR = """
-    import sys, time
-    import numpy as np
+#: patched into a writer subprocess: after each OME-Zarr tile it says WRITING and waits to be killed
+SLOW_TILES = """
+    import time
     from napari_diffst.io import writers as W
-    target, value = sys.argv[1], float(sys.argv[2])
     real = W.OmeZarrWriter.write_tile
     def slow(self, *a, **k):
         real(self, *a, **k)
         print("WRITING", flush=True)
         time.sleep(120)
     W.OmeZarrWriter.write_tile = slow
+"""
+
+KILL_ZARR = SLOW_TILES + """
+    import sys
+    import numpy as np
+    target, value = sys.argv[1], float(sys.argv[2])
     W.write_ome_zarr(target, np.full((2, 40, 30), value, np.float32), ["A", "B"], 2.0)
 """
 
@@ -403,16 +402,9 @@ def test_killed_ome_zarr_write_leaves_target_absent_or_intact(tmp_path):
 
 
 
-KILL_SAMPLE = """
-    import sys, time
+KILL_SAMPLE = SLOW_TILES + """
+    import sys
     from napari_diffst import cli
-    from napari_diffst.io import writers as W
-    real = W.OmeZarrWriter.write_tile
-    def slow(self, *a, **k):
-        real(self, *a, **k)
-        print("WRITING", flush=True)
-        time.sleep(120)
-    W.OmeZarrWriter.write_tile = slow
     sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -4,7 +4,6 @@ alone is enough; the single-section prior is cross-fitted on stripes; old checkp
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import single_thread_env
 import torch
 
 from napari_diffst import pipeline as P
@@ -28,18 +28,12 @@ KNOBS = dict(prior="cell", shrink=True, n_samples=2, sample_steps=2)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """The subprocess runs one torch thread; bit-for-bit comparisons need the same here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_torch_thread):
+    """The subprocesses run one torch thread; bit-for-bit comparisons need the same here."""
 
 
 def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    return env
+    return single_thread_env(SRC)
 
 
 def _sample(seed, size=SIZE):
