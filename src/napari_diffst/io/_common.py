@@ -232,6 +232,20 @@ def _check_spots_inside(coord_file, xy, image: HistologyImage, spot_diameter_px:
         )
 
 
+def _spaceranger_image_shapes(spatial: Path) -> dict:
+    """Shapes of Space Ranger's ``tissue_{hires,lowres}_image.png`` in ``spatial`` (those present and readable),
+    for :func:`_guard_downscaled_coordinates`."""
+    shapes = {}
+    for key in ("hires", "lowres"):
+        q = Path(spatial) / f"tissue_{key}_image.png"
+        if q.is_file():
+            try:
+                shapes[key] = _open_image(q).shape
+            except DataFormatError:
+                pass
+    return shapes
+
+
 def _guard_downscaled_coordinates(coord_file, xy, um_meta: float, um_lattice: float,
                                   scalefs: dict, shapes: dict):
     """The classic bug: positions stored in hires/lowres image pixels instead of full-res pixels.

@@ -23,6 +23,7 @@ from ._common import (
     _find_images,
     _finite_pos,
     _guard_downscaled_coordinates,
+    _spaceranger_image_shapes,
     _lattice_fit_um_per_px,
     _lower_name,
     _make_unique,
@@ -430,16 +431,8 @@ def read_visium(path, *, image=None, name: str | None = None, library_id: str | 
     # -- image ------------------------------------------------------------------------------------
     spot_d_px = SPOT_DIAMETER_UM["visium"] / um
     # guard first: downscaled coordinates would otherwise fail the image checks confusingly
-    arrays_shapes = {}
-    for key, fname in (("hires", "tissue_hires_image.png"), ("lowres", "tissue_lowres_image.png")):
-        q = spatial / fname
-        if q.is_file():
-            try:
-                arrays_shapes[key] = _open_image(q).shape
-            except DataFormatError:
-                pass
     _guard_downscaled_coordinates(pos_path, pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float),
-                                  um, um_lattice, scalefs, arrays_shapes)
+                                  um, um_lattice, scalefs, _spaceranger_image_shapes(spatial))
     _warn_scale(name, um, um_lattice, 100.0, um_src)
     img, img_src, arrays, shapes = _pick_visium_image(
         coord_file=pos_path, xy=xy, sf=sf, spatial=spatial, search_dirs=[outs, outs.parent], image=image,

@@ -15,9 +15,9 @@ from ._common import (
     _SQUARE_RE,
     _finite_pos,
     _guard_downscaled_coordinates,
+    _spaceranger_image_shapes,
     _lattice_fit_um_per_px,
     _new_adata,
-    _open_image,
     _validate_counts,
     _warn_scale,
 )
@@ -124,16 +124,8 @@ def read_visium_hd(path, *, image=None, name: str | None = None) -> Sample:
                               "scalefactors_json.json with microns_per_pixel")
     xy = pos_k[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(np.float64)
     scalefs = {k: sf.get(f"tissue_{k}_scalef") for k in ("hires", "lowres")}
-    shapes0 = {}
-    for key in ("hires", "lowres"):
-        q = spatial / f"tissue_{key}_image.png"
-        if q.is_file():
-            try:
-                shapes0[key] = _open_image(q).shape
-            except DataFormatError:
-                pass
     _guard_downscaled_coordinates(pos_path, pos[["pxl_col_in_fullres", "pxl_row_in_fullres"]].to_numpy(float),
-                                  um, um_lattice, scalefs, shapes0)
+                                  um, um_lattice, scalefs, _spaceranger_image_shapes(spatial))
     _warn_scale(name, um, um_lattice, bin_um, um_src)
     search = [sq, sq.parent]
     if sq.parent.name == "binned_outputs":
