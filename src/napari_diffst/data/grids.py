@@ -782,13 +782,18 @@ def _bin_truth(sample: Sample, genes: Sequence[str], A_hr_img: np.ndarray, shape
 DISPLAY_REACH_PITCH = 0.25
 
 
-def display_mask(sample: Sample, grid, *, thumb_px: int = 1024) -> np.ndarray:
+def display_mask(sample: Sample, grid, *, thumb_px: int | None = None) -> np.ndarray:
     """Where a super-resolved map is shown and written (NaN elsewhere): the H&E's tissue (holes filled, so
     fat inside the section stays) within ``DISPLAY_REACH_PITCH`` pitches of the in-tissue spots' cells
     (``grid.hr_mask``), so the map's outline follows the tissue instead of the lattice's squares. Falls back
     to ``hr_mask`` without an image or when the tissue mask covers under half of it (a failed detection).
     ``grid``: an :class:`SRField` or a tiling source (``hr_mask``, ``hr_affine``/``extra['hr_affine']``,
-    ``hr_um``); the result is cached in ``grid.extra['display_mask']``."""
+    ``hr_um``); the result is cached in ``grid.extra['display_mask']``.
+
+    ``thumb_px``: the longest side of the H&E thumbnail the tissue is detected on; by default four thumbnail
+    pixels per HR pixel along the grid's longest side, at least 512 (pale-tissue texture needs a few
+    thumbnail pixels per fat cell) and at most 1024. Tying it to the grid keeps the mask's memory in step
+    with the HR rasters instead of the image: whole-slide tiled sampling stays bounded by its tile."""
     from scipy import ndimage as ndi
 
     extra = getattr(grid, "extra", None)
@@ -801,6 +806,8 @@ def display_mask(sample: Sample, grid, *, thumb_px: int = 1024) -> np.ndarray:
 
         A_hr = np.asarray(getattr(grid, "hr_affine", None) if getattr(grid, "hr_affine", None) is not None
                           else grid.extra["hr_affine"], float)
+        if thumb_px is None:
+            thumb_px = int(np.clip(4 * max(hr_mask.shape), 512, 1024))
         thumb, A_th = _thumb_frame(sample, thumb_px)
         tis = ndi.binary_fill_holes(tissue_mask(thumb))
         H, W = hr_mask.shape
