@@ -175,10 +175,7 @@ def cmd_sample(args) -> int:
             raise DataFormatError(args.report, f"--report on tiled sampling ({plan.describe()}): tiled whole-slide "
                                   "maps are not projected onto the spots yet, so there is no spot report",
                                   "--report on a section small enough to sample untiled")
-        if method.prior_ is not None or method.alpha_ != 1.0:
-            print("note: tiled sampling runs the network on the cubic LR↑ condition: the checkpoint's cell-level "
-                  "prior and shrink are not applied per tile yet", file=sys.stderr)
-        return _sample_tiled(args, model, sample, genes, scale, gene_scale, plan)
+        return _sample_tiled(args, method, sample, genes, scale, gene_scale, plan)
     field = method.make_field(sample, mode)
     print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× "
           f"(HR {field.hr_um:.4g} µm) with {args.steps} steps × {args.n_samples} samples — {plan.describe()}",
@@ -231,17 +228,20 @@ def _write_report(path, name: str, rep: dict | None, mode: str) -> None:
     print(f"wrote {path}", file=sys.stderr)
 
 
-def _sample_tiled(args, model, sample, genes, scale, gene_scale, plan) -> int:
+def _sample_tiled(args, method, sample, genes, scale, gene_scale, plan) -> int:
     """Whole-slide path (``--tile``, or automatic above the memory budget: :func:`tiling.plan_sampling`): lazy
-    H&E per tile, tiles blended straight into the OME-Zarr (bounded memory)."""
+    H&E per tile, each tile run through the checkpoint's method (its prior as the base, the shrink α), tiles
+    blended straight into the OME-Zarr (bounded memory); no projection onto the spots."""
     from .tiling import super_resolve_tiled_iter
 
     src = plan.source()
     H, W = src.hr_shape
+    what = (f"prior {(method.knobs_ or {}).get('prior')} + shrink α {method.alpha_:.3f} per tile"
+            if method.prior_ is not None else f"cubic LR↑, shrink α {method.alpha_:.3f}")
     print(f"super-resolving {sample.name} ({plan.mode}) {len(genes)} genes at {scale}× (HR {src.hr_um:.4g} µm) "
-          f"with {args.steps} steps × {args.n_samples} samples — {plan.describe()}", file=sys.stderr)
+          f"with {args.steps} steps × {args.n_samples} samples — {plan.describe()}; {what}", file=sys.stderr)
     t0 = time.time()
-    res = _drain(super_resolve_tiled_iter(model, src, tile=plan.tile, overlap=plan.overlap, steps=args.steps,
+    res = _drain(super_resolve_tiled_iter(method, src, tile=plan.tile, overlap=plan.overlap, steps=args.steps,
                                           n_samples=args.n_samples, seed=args.seed, sampler=args.sampler,
                                           batch_tiles=args.batch_tiles, out=args.out), _bar(1, "tiles"))
     print(f"wrote {args.out} ({len(genes)} genes + uncertainty, {H}×{W} px at {src.hr_um:.4g} µm, "

@@ -355,8 +355,10 @@ class DiffST:
         return self
 
     # ------------------------------------------------------------------------------------------ predict
-    def _prepared(self, field, sample=None):
-        """(``field`` with the prior as its condition/residual base, that base)."""
+    def prepare_field(self, field, sample=None):
+        """(``field`` with the prior as its condition/residual base, that base (G, H, W), unmasked): the step
+        before sampling, for a whole section (:meth:`iter_predict`) and for each tile of a tiled run
+        (:meth:`prepare_tile`).  Cell-level features are computed from ``sample`` when the field lacks them."""
         if self.model_ is None:
             raise RuntimeError(f"{self.name}: call fit() or DiffST.load() before predict()")
         if self.prior_ is not None:
@@ -365,11 +367,50 @@ class DiffST:
             field = self._with_prior(field, self.prior_.predict(field))
         return field, np.asarray(field.lr_upsampled(3), np.float32)
 
+    _prepared = prepare_field
+
+    @property
+    def applies_base(self) -> bool:
+        """True when sampling is more than the bare network: a prior as the base, or a shrink α ≠ 1."""
+        return self.prior_ is not None or float(self.alpha_) != 1.0
+
+    #: LR pixels of context around a tile for its prior (the cubic LR↑ of a crop matches the whole section's
+    #: to ~1e-5 past 8 LR pixels, as :func:`napari_diffst.tiling._upsample_crop`'s condition)
+    TILE_CONTEXT_LR = 8
+    #: µm of H&E context around a tile for its cell-level features (the widest filter reaches 4σ = 80 µm)
+    TILE_FEATURE_CONTEXT_UM = 80.0
+
+    def prepare_tile(self, source, r0: int, c0: int, h: int, w: int) -> np.ndarray | None:
+        """The base map (G, h, w) of one tile of a :class:`napari_diffst.tiling.TileSource`: :meth:`prepare_field`
+        on the tile's window with :data:`TILE_CONTEXT_LR` LR pixels of context (cell-level features from the
+        source's Sample, for a window just :data:`TILE_FEATURE_CONTEXT_UM` wider than the tile, so memory and
+        work follow the tile, not the section).  None for the bare network (no prior, α = 1)."""
+        if not self.applies_base:
+            return None
+        sub, (dr, dc) = source.window_field(r0, c0, h, w, self.TILE_CONTEXT_LR)
+        if getattr(self.prior_, "name", "") == "cell_ridge" and sub.extra.get("cell_features") is None:
+            sample = getattr(source, "sample", None)
+            s = int(source.scale)
+            ctx = int(np.ceil(self.TILE_FEATURE_CONTEXT_UM / (float(source.hr_um) * s))) + 1
+            if ctx >= self.TILE_CONTEXT_LR:
+                self._ensure_cells(sub, sample)
+            else:
+                inner, (dr2, dc2) = source.window_field(r0, c0, h, w, ctx)
+                self._ensure_cells(inner, sample)
+                Fi = np.asarray(inner.extra["cell_features"], np.float32)
+                F = np.zeros((Fi.shape[0],) + tuple(sub.hr_shape), np.float32)
+                y0, x0 = dr - dr2, dc - dc2  # the inner window inside the context window (whole LR blocks)
+                F[:, y0:y0 + Fi.shape[1], x0:x0 + Fi.shape[2]] = Fi
+                sub.extra.update({k: v for k, v in inner.extra.items() if k.startswith("cell_")})
+                sub.extra["cell_features"] = F
+        _, base = self.prepare_field(sub, None)
+        return np.ascontiguousarray(base[:, dr:dr + h, dc:dc + w], np.float32)
+
     def _predict_raw(self, field, sample=None) -> tuple[np.ndarray, np.ndarray]:
         """(mean of the samples, the base map the network's residual starts from), both (G, H, W)."""
         from . import pipeline as P
 
-        f, base = self._prepared(field, sample)
+        f, base = self.prepare_field(field, sample)
         kn = self.knobs_
         res = P.super_resolve(self.model_, f, steps=int(kn["sample_steps"]), n_samples=int(kn["n_samples"]),
                               seed=self.seed, sampler=kn.get("sampler", "ddpm"), project=False)
@@ -386,7 +427,7 @@ class DiffST:
         ``sampler`` default to the fitted knobs and seed."""
         from . import pipeline as P
 
-        f, base = self._prepared(field, sample)
+        f, base = self.prepare_field(field, sample)
         kn = self.knobs_
         steps = int(kn["sample_steps"] if steps is None else steps)
         n_samples = int(kn["n_samples"] if n_samples is None else n_samples)

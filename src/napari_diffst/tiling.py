@@ -20,6 +20,12 @@ memory depends on the tile size and batch, not on the slide size (measured in do
     src = SlideSource.from_sample(sample, genes, scale=10, gene_scale=gs)   # or FieldSource(field)
     for ev in super_resolve_tiled_iter(model, src, tile=64, overlap=16, steps=20, out="maps.ome.zarr"):
         ...   # progress per reverse step; stop iterating to cancel
+
+Method: pass a :class:`~napari_diffst.method.DiffST` (``DiffST.load(checkpoint)``) as ``model`` and each tile
+runs the whole method, as the untiled ``DiffST.iter_predict``: the cell-level prior of the tile (features from
+the image for the tile plus a context margin, :meth:`~napari_diffst.method.DiffST.prepare_tile`) as its
+condition / residual base, then the shrink ``base + α·(mean − base)``; the tiles are blended as above.  The
+native projection onto the spots is not done on tiled output.
 """
 from __future__ import annotations
 
@@ -252,6 +258,40 @@ class TileSource(GeneGrid):
     def he_tile(self, r0: int, c0: int, h: int, w: int) -> np.ndarray:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    #: the Sample the source reads (cell-level features of a window are computed from it); None: none
+    sample = None
+
+    def window_field(self, r0: int, c0: int, h: int, w: int, context_lr: int = 8) -> tuple[SRField, tuple[int, int]]:
+        """The HR window (r0, c0, h, w) with ``context_lr`` LR pixels of context on every side, cut on whole LR
+        blocks (clamped to the section), as an :class:`SRField` without H&E or truth: LR maps, masks and the
+        placement (``extra['hr_affine']``) of that crop, so anything computed on a field (the cubic LR↑, a
+        regression prior, cell-level features from the image) can be computed for one tile.  Returns the field
+        and the window's offset ``(dr, dc)`` inside it.  Cell-level features the source already holds are
+        cropped along (``extra['cell_features']``)."""
+        s = int(self.scale)
+        hL, wL = self.lr.shape[1:]
+        c = max(0, int(context_lr))
+        a0, b0 = max(r0 // s - c, 0), max(c0 // s - c, 0)
+        a1, b1 = min(-(-(r0 + h) // s) + c, hL), min(-(-(c0 + w) // s) + c, wL)
+        A = np.asarray(self.hr_affine, float) @ np.array([[1, 0, b0 * s], [0, 1, a0 * s], [0, 0, 1]], float)
+        extra = {k: v for k, v in (getattr(self, "extra", None) or {}).items()
+                 if k in ("pitch_um", "lr_um", "he_um_per_px", "mode")}
+        extra["hr_affine"] = A
+        F = self._cell_features()
+        if F is not None:
+            extra["cell_features"] = np.asarray(F[:, a0 * s:a1 * s, b0 * s:b1 * s], np.float32)
+        fld = SRField(name=f"{self.name}[{r0}:{r0 + h},{c0}:{c0 + w}]", genes=list(self.genes), scale=s,
+                      lr=np.asarray(self.lr[:, a0:a1, b0:b1]), lr_mask=np.asarray(self.lr_mask[a0:a1, b0:b1]),
+                      hr=None, hr_mask=np.asarray(self.hr_mask[a0 * s:a1 * s, b0 * s:b1 * s]),
+                      he=np.zeros((3, 0, 0), np.float32), he_per_hr=int(self.he_per_hr), hr_um=float(self.hr_um),
+                      gene_scale=np.asarray(self.gene_scale), um_per_px=float(getattr(self, "um_per_px", 1.0)),
+                      extra=extra)
+        return fld, (r0 - a0 * s, c0 - b0 * s)
+
+    def _cell_features(self):
+        """Cell-level features (F, H, W) the source holds for the whole section, or None (computed per tile)."""
+        return None
+
     def cond_tile(self, r0: int, c0: int, h: int, w: int, upsample: str = "cubic") -> dict:
         """Numpy condition of one window: ``lr_up`` (G, h, w) in [-1, 1], ``lr_mask`` / ``hr_mask`` (1, h, w),
         ``he`` (3, h·k, w·k) in [0, 1] — the same values :func:`napari_diffst.pipeline.cond_from_field` gives
@@ -268,13 +308,18 @@ class TileSource(GeneGrid):
 class FieldSource(TileSource):
     """Tiles of an in-memory :class:`~napari_diffst.data.pairs.SRField` (its H&E raster already sampled)."""
 
-    def __init__(self, fld: SRField):
+    def __init__(self, fld: SRField, sample=None):
         self.field = fld
+        self.sample = sample
         self._take(fld)
+        self.extra = {k: v for k, v in fld.extra.items() if k in ("pitch_um", "lr_um", "he_um_per_px", "mode")}
 
     def he_tile(self, r0, c0, h, w):
         k = self.he_per_hr
         return _crop(self.field.he, r0 * k, c0 * k, h * k, w * k)
+
+    def _cell_features(self):
+        return self.field.extra.get("cell_features")
 
 
 class SlideSource(TileSource):
@@ -469,12 +514,24 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
     ``out``: an OME-Zarr path → tiles are blended into the store (memory bounded by the tile batch); None →
     in-memory maps (G, H, W). ``batch_tiles`` windows × ``n_samples`` samples share one sampler call.
     ``noise``: ``'position'`` (default; one noise field locked to slide positions, shared by overlapping tiles)
-    or ``'tile'`` (independent noise per tile — only for measuring what the shared field buys)."""
+    or ``'tile'`` (independent noise per tile — only for measuring what the shared field buys).
+
+    ``model``: the network, or a :class:`napari_diffst.method.DiffST` — then every tile runs the method as the
+    untiled :meth:`~napari_diffst.method.DiffST.iter_predict` does: its base map (the prior) from
+    :meth:`~napari_diffst.method.DiffST.prepare_tile` is the tile's condition / residual base, and the shrink
+    ``base + α·(mean − base)`` (std × α) is applied to the tile's mean before blending.  A DiffST without a
+    prior and with α = 1 (a version-1 checkpoint) samples exactly as the bare network."""
     import torch
 
     from .diffusion.samplers import diffusion_for_model, sample_progressive
     from .diffusion.schedule import to_model_units
 
+    method = model if hasattr(model, "prepare_tile") else None
+    if method is not None:
+        model = method.model_
+        if model is None:
+            raise RuntimeError(f"{method.name}: call fit() or DiffST.load() before sampling")
+    alpha = float(method.alpha_) if method is not None else 1.0
     G = source.G
     if G != model.config.get("n_genes", G):
         raise DataFormatError(None, f"the model was trained for {model.config['n_genes']} genes, the data has {G}",
@@ -540,6 +597,10 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
             for bi, batch in enumerate(batches):
                 boxes = [plan.bbox(t) for t in batch]
                 conds = [source.cond_tile(r0, c0, h, w, upsample) for r0, c0, h, w in boxes]
+                bases = [method.prepare_tile(source, *b) if method is not None else None for b in boxes]
+                for c, b in zip(conds, bases):
+                    if b is not None and upsample == "cubic":  # as cond_from_field: the base is the cubic LR↑
+                        c["lr_up"] = (b * 2 - 1).astype(np.float32)
                 # rows: tile-major, M samples per tile
                 cond = {key: torch.from_numpy(np.stack([c[key] for c in conds for _ in range(M)])).to(device)
                         for key in conds[0]}
@@ -566,8 +627,13 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
                     r0, c0, h, w = boxes[k]
                     wgt = plan.weight(t)
                     hm = source.hr_mask[r0:r0 + h, c0:c0 + w]
-                    tile_mu = (mu[k] * wgt).astype(np.float32)
-                    tile_sd = (sd[k] * wgt).astype(np.float32) if with_std else None
+                    mu_k, sd_k = mu[k], (sd[k] if with_std else None)
+                    if bases[k] is not None and alpha != 1.0:  # the method's shrink, as DiffST.iter_predict
+                        mu_k = mu_k.astype(np.float32)
+                        mu_k = bases[k] + alpha * (mu_k - bases[k])
+                        sd_k = sd_k * alpha if with_std else None
+                    tile_mu = (mu_k * wgt).astype(np.float32)
+                    tile_sd = (sd_k * wgt).astype(np.float32) if with_std else None
                     if writer is not None:  # the OME-Zarr holds expression units, NaN outside tissue
                         hm = out_mask[r0:r0 + h, c0:c0 + w]
                         tile_mu *= gs

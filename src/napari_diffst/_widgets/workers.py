@@ -304,7 +304,7 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
                                  he_per_hr=int(he_per_hr), n_samples=int(n_samples), budget_mb=budget_mb,
                                  in_memory=True)
         if plan is not None and plan.tiled:
-            yield from _tiled_body(net, plan, info, dev)
+            yield from _tiled_body(method, plan, info, dev)
             return
         m = mode if mode != "auto" else ("truth" if sample.hr_truth else "native")
         if method.needs_cell_features() and method.prior_ is not None:
@@ -334,7 +334,7 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
                                                   preview_lut, preview_px)
             yield out
 
-    def _tiled_body(net, plan, info, dev):
+    def _tiled_body(method, plan, info, dev):
         from ..pipeline import SRResult
         from ..tiling import super_resolve_tiled_iter
 
@@ -344,7 +344,7 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
         yield {"kind": "ready", "field": fld, "info": info, "mode": plan.mode, "device": str(dev),
                "tiling": plan.describe()}
         res = None
-        for upd in super_resolve_tiled_iter(net, src, tile=plan.tile, overlap=plan.overlap, steps=int(steps),
+        for upd in super_resolve_tiled_iter(method, src, tile=plan.tile, overlap=plan.overlap, steps=int(steps),
                                             n_samples=int(n_samples), seed=int(seed), device=dev,
                                             should_stop=lambda: job.cancelled):
             if job.cancelled:
