@@ -143,9 +143,6 @@ def cmd_sample(args) -> int:
     if getattr(args, "tile", 0) and fmt != "ome-zarr":
         raise DataFormatError(args.out, f"--tile writes OME-Zarr tile by tile (bounded memory), not {fmt}",
                               "an .ome.zarr output with --tile, or no --tile for .h5ad/.ome.tif/SpatialData")
-    if getattr(args, "tile", 0) and getattr(args, "report", None):
-        raise DataFormatError(args.report, "--report with --tile: tiled whole-slide maps are not projected onto "
-                              "the spots yet, so there is no spot report", "--report without --tile")
     from .io.safety import recover_temps, refuse_existing
 
     # partial outputs of a killed earlier `sample --out` to this target go (a folder it had moved aside comes back)
@@ -171,10 +168,6 @@ def cmd_sample(args) -> int:
         if fmt != "ome-zarr":
             raise DataFormatError(args.out, f"this section needs tiled sampling ({plan.describe()}), which writes "
                                   f"OME-Zarr tile by tile, not {fmt}", "an .ome.zarr output")
-        if getattr(args, "report", None):
-            raise DataFormatError(args.report, f"--report on tiled sampling ({plan.describe()}): tiled whole-slide "
-                                  "maps are not projected onto the spots yet, so there is no spot report",
-                                  "--report on a section small enough to sample untiled")
         return _sample_tiled(args, method, sample, genes, scale, gene_scale, plan)
     field = method.make_field(sample, mode)
     print(f"super-resolving {sample.name} ({mode}) {len(genes)} genes at {scale}× "
@@ -231,7 +224,8 @@ def _write_report(path, name: str, rep: dict | None, mode: str) -> None:
 def _sample_tiled(args, method, sample, genes, scale, gene_scale, plan) -> int:
     """Whole-slide path (``--tile``, or automatic above the memory budget: :func:`tiling.plan_sampling`): lazy
     H&E per tile, each tile run through the checkpoint's method (its prior as the base, the shrink α), tiles
-    blended straight into the OME-Zarr (bounded memory); no projection onto the spots."""
+    blended straight into the OME-Zarr (bounded memory), then (native) projected onto the spots band by band;
+    ``--report`` reads the maps whole once for the spot report."""
     from .tiling import super_resolve_tiled_iter
 
     src = plan.source()
@@ -243,7 +237,15 @@ def _sample_tiled(args, method, sample, genes, scale, gene_scale, plan) -> int:
     t0 = time.time()
     res = _drain(super_resolve_tiled_iter(method, src, tile=plan.tile, overlap=plan.overlap, steps=args.steps,
                                           n_samples=args.n_samples, seed=args.seed, sampler=args.sampler,
-                                          batch_tiles=args.batch_tiles, out=args.out), _bar(1, "tiles"))
+                                          batch_tiles=args.batch_tiles, out=args.out,
+                                          report=bool(getattr(args, "report", None))), _bar(1, "tiles"))
+    if res.projection is not None:
+        print(f"projected onto the spots in {res.projection['bands']} bands (max residual "
+              f"{res.projection['max_residual']} log1p)", file=sys.stderr)
+    if res.report is not None:
+        _print_report(res.report, sample.name)
+    if getattr(args, "report", None):
+        _write_report(args.report, sample.name, res.report, plan.mode)
     print(f"wrote {args.out} ({len(genes)} genes + uncertainty, {H}×{W} px at {src.hr_um:.4g} µm, "
           f"{res.n_tiles} tiles) in {time.time() - t0:.1f} s")
     return 0

@@ -34,7 +34,8 @@ import scipy.sparse as sp
 
 from .errors import DataFormatError
 
-__all__ = ["SpotDisks", "spot_disks", "disk_means", "spread_matrix", "project_to_spots", "spot_report", "REPORT_KEYS"]
+__all__ = ["SpotDisks", "spot_disks", "disk_means", "spread_matrix", "project_to_spots", "project_bands",
+           "window_spots", "spot_report", "REPORT_KEYS"]
 
 #: the figures of :func:`spot_report` (``napari-diffst sample --report``, OME-Zarr metadata, the dock)
 REPORT_KEYS = ("spot_pcc", "spot_bias", "alike_maps", "alike_spots", "lattice", "masked_in_spots")
@@ -135,17 +136,21 @@ def spread_matrix(field, d: SpotDisks, sigma_pitch: float = 0.4) -> sp.csr_matri
 
 
 def project_to_spots(expr: np.ndarray, field, mask: np.ndarray | None = None, n_iter: int = 100,
-                     tol: float = 1e-4, disks: SpotDisks | None = None) -> tuple[np.ndarray, dict]:
+                     tol: float = 1e-4, disks: SpotDisks | None = None,
+                     fixed: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """Make ``expr`` (G, H, W) log1p(CP10k) true to the spots: afterwards each in-tissue spot's disk mean (in
     expression space, :func:`disk_means`) reproduces its measured log1p(CP10k), up to ``tol`` (max abs) or
     ``n_iter`` rounds.  Values stay ≥ 0; pixels outside ``mask`` (default ``field.hr_mask``) are untouched.
+    ``fixed`` (H, W) bool: pixels that count in the disk means but are never changed (band-wise projection:
+    rows an earlier band already wrote).
     Returns the projected maps (float32) and ``{'iterations', 'max_residual'}``."""
     d = disks if disks is not None else spot_disks(field)
     mask = np.asarray(field.hr_mask if mask is None else mask, bool)
+    free = mask if fixed is None else mask & ~np.asarray(fixed, bool)
     S = spread_matrix(field, d)
     G = expr.shape[0]
     x = np.where(mask[None], np.clip(np.asarray(expr, np.float64), 0.0, None), 0.0)
-    fixable = disk_means(x, d, mask)[1] > 0  # spots with some disk area inside the mask
+    fixable = disk_means(x, d, free)[1] > 0  # spots with some changeable disk area inside the mask
     it, res = 0, np.inf
     for it in range(1, int(n_iter) + 1):
         yhat, _ = disk_means(x, d, mask)
@@ -154,9 +159,68 @@ def project_to_spots(expr: np.ndarray, field, mask: np.ndarray | None = None, n_
         if res <= tol:
             it -= 1
             break
-        x = np.clip(x + np.asarray(S @ delta).T.reshape(G, *d.shape), 0.0, None) * mask[None]
+        step = np.asarray(S @ delta).T.reshape(G, *d.shape)
+        x = np.where(free[None], np.clip(x + step, 0.0, None), x) * mask[None]
     out = np.where(mask[None], x, np.asarray(expr, np.float64)).astype(np.float32)
     return out, {"iterations": int(it), "max_residual": round(res, 6)}
+
+
+#: field.extra keys that carry the spot geometry (:func:`spot_disks`)
+SPOT_KEYS = ("spot_hr_cr", "spot_radius_hr", "spot_log1p", "mode")
+
+
+def window_spots(field, r0: int, r1: int, mask: np.ndarray | None = None):
+    """The rows ``r0:r1`` of ``field``'s HR grid as a light field for :func:`project_to_spots` /
+    :func:`spot_disks`: the spots whose centres fall inside, their (col, row) shifted to the window, the window's
+    HR mask (``mask``: that window's own mask, default ``field.hr_mask`` cut).  Returns ``(window field, index of
+    the kept spots in field's spot list)``."""
+    from types import SimpleNamespace
+
+    ex = field.extra
+    cr = np.asarray(ex["spot_hr_cr"], float)
+    keep = np.flatnonzero((cr[:, 1] >= r0 - 0.5) & (cr[:, 1] < r1 - 0.5))
+    W = int(field.hr_shape[1])
+    hm = np.asarray(field.hr_mask[r0:r1] if mask is None else mask, bool)
+    sub = SimpleNamespace(name=f"{field.name}[rows {r0}:{r1}]", hr_shape=(r1 - r0, W), scale=int(field.scale),
+                          hr_mask=hm, genes=list(field.genes), hr_um=float(field.hr_um),
+                          extra={"spot_hr_cr": cr[keep] - np.array([0.0, r0]),
+                                 "spot_radius_hr": float(ex["spot_radius_hr"]),
+                                 "spot_log1p": np.asarray(ex["spot_log1p"])[keep], "mode": ex.get("mode")})
+    return sub, keep
+
+
+def project_bands(read, write, field, *, band_lr: int = 16, context_lr: int = 4, n_iter: int = 100,
+                  tol: float = 1e-4) -> dict:
+    """:func:`project_to_spots` for maps too large to hold at once (tiled whole-slide output), band by band.
+
+    ``read(r0, r1)`` → (G, r1 − r0, W) log1p(CP10k) of HR rows r0:r1 (NaN outside the shown mask);
+    ``write(r0, projected)`` stores rows back.  Bands are ``band_lr`` LR rows; each is projected inside a window
+    ``context_lr`` LR rows taller on both sides.  Bands go top to bottom; the rows above a band were written by
+    the band before, so in its window they count in the disk means but stay as written (``fixed``), and the
+    context rows below a band are written too, as the next band's starting point (it rewrites them): a spot whose
+    disk straddles the edge is finished from where the band above left it, so the seam does not jump.  Memory follows the band, not the slide; :func:`spot_report` on the result measures
+    what is left.  Returns ``{'bands', 'iterations' (max), 'max_residual' (max over bands)}``."""
+    s = int(field.scale)
+    H = int(field.hr_shape[0])
+    band, ctx = max(1, int(band_lr)) * s, max(0, int(context_lr)) * s
+    its, res, n = 0, 0.0, 0
+    for b0 in range(0, H, band):
+        b1 = min(H, b0 + band)
+        w0, w1 = max(0, b0 - ctx), min(H, b1 + ctx)
+        expr = np.asarray(read(w0, w1), np.float64)
+        fin = np.isfinite(expr).all(axis=0)
+        sub, keep = window_spots(field, w0, w1, np.asarray(field.hr_mask[w0:w1], bool) & fin)
+        n += 1
+        if len(keep) == 0 or not sub.hr_mask.any():
+            continue
+        done = np.zeros(sub.hr_shape, bool)
+        done[:b0 - w0] = True  # written by the band above
+        out, info = project_to_spots(np.where(fin[None], expr, 0.0), sub, n_iter=n_iter, tol=tol, fixed=done)
+        out = np.where(fin[None], out, np.nan).astype(np.float32)
+        write(b0, out[:, b0 - w0:])  # the band, and below it the next band's starting point
+        its, res = max(its, info["iterations"]), max(res, info["max_residual"])
+    return {"bands": n, "band_lr": int(band_lr), "context_lr": int(context_lr), "iterations": int(its),
+            "max_residual": round(float(res), 6)}
 
 
 def _pcc(a: np.ndarray, b: np.ndarray) -> float:

@@ -40,6 +40,9 @@ import numpy as np
 from .data.pairs import GeneGrid, SRField
 from .errors import CancelledError, DataFormatError
 
+#: field.extra keys a tile source keeps: placement helpers and the spot geometry (projection, spot report)
+SOURCE_KEYS = ("pitch_um", "lr_um", "he_um_per_px", "mode", "spot_hr_cr", "spot_radius_hr", "spot_log1p")
+
 __all__ = ["TilePlan", "plan_tiles", "axis_windows", "seam_ratio", "PositionNoise", "FieldSource", "SlideSource",
            "TiledResult", "super_resolve_tiled_iter", "super_resolve_tiled", "SamplingPlan", "plan_sampling",
            "untiled_mb", "untiled_budget_mb", "auto_tile", "IN_MEMORY_MAPS_MB"]
@@ -250,6 +253,7 @@ class TileSource(GeneGrid):
         self.lr, self.lr_mask, self.hr_mask = fld.lr, np.asarray(fld.lr_mask, bool), np.asarray(fld.hr_mask, bool)
         self.hr_affine = np.asarray(fld.extra.get("hr_affine", np.eye(3)), float)
         self.um_per_px = float(fld.um_per_px)
+        self.hr_spot_index = getattr(fld, "hr_spot_index", None)  # (H, W) spot of each HR pixel's lattice cell
 
     def output_mask(self) -> np.ndarray:
         """(H, W) pixels written to a file (NaN elsewhere): the HR mask here, the tissue for a slide."""
@@ -312,7 +316,7 @@ class FieldSource(TileSource):
         self.field = fld
         self.sample = sample
         self._take(fld)
-        self.extra = {k: v for k, v in fld.extra.items() if k in ("pitch_um", "lr_um", "he_um_per_px", "mode")}
+        self.extra = {k: v for k, v in fld.extra.items() if k in SOURCE_KEYS}
 
     def he_tile(self, r0, c0, h, w):
         k = self.he_per_hr
@@ -333,7 +337,7 @@ class SlideSource(TileSource):
         # H&E pixel (col, row) → spot-frame px (sample_image applies sample.transform on top)
         T = np.asarray(sample.transform, float)
         self._A_he_spot = np.linalg.inv(T) @ np.asarray(fld.extra["he_affine"], float)
-        self.extra = {k: v for k, v in fld.extra.items() if k in ("pitch_um", "lr_um", "he_um_per_px", "mode")}
+        self.extra = {k: v for k, v in fld.extra.items() if k in SOURCE_KEYS}
 
     @classmethod
     def from_sample(cls, sample, genes: Sequence[str], scale: int, *, gene_scale=None, mode: str = "native",
@@ -495,6 +499,8 @@ class TiledResult:
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
     path: Path | None = None
+    report: dict | None = None
+    projection: dict | None = None
 
     def expression(self) -> np.ndarray:
         if self.mean is None:
@@ -506,7 +512,8 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
                              n_samples: int = 2, seed: int = 0, sampler: str = "ddpm", eta: float = 0.0,
                              batch_tiles: int = 4, out: str | Path | None = None, ngff_version: str = "0.4",
                              device=None, amp: bool | str = "auto", upsample: str | None = None,
-                             with_std: bool = True, should_stop=None, noise: str = "position") -> Iterator[dict]:
+                             with_std: bool = True, should_stop=None, noise: str = "position",
+                             project: bool | str = "auto", report: bool | str = "auto") -> Iterator[dict]:
     """Generator: super-resolve ``source`` tile by tile. Yields after every reverse step
     ``{'done', 'total', 'tiles_done', 'n_tiles', 'i', 'n_steps', 'bboxes'}`` (cancel by stopping the iteration
     or with ``should_stop()``; an OME-Zarr target is then left untouched), and finally ``{'result': TiledResult}``.
@@ -520,7 +527,14 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
     untiled :meth:`~napari_diffst.method.DiffST.iter_predict` does: its base map (the prior) from
     :meth:`~napari_diffst.method.DiffST.prepare_tile` is the tile's condition / residual base, and the shrink
     ``base + α·(mean − base)`` (std × α) is applied to the tile's mean before blending.  A DiffST without a
-    prior and with α = 1 (a version-1 checkpoint) samples exactly as the bare network."""
+    prior and with α = 1 (a version-1 checkpoint) samples exactly as the bare network.
+
+    ``project``: make the blended maps true to the spots (``'auto'``: a DiffST on a native source, as the untiled
+    ``iter_predict``), band by band (:func:`napari_diffst.spot_consistency.project_bands`, memory by the band) in
+    the store or in memory, before the pyramid is built.  ``report``: the spot report of the result
+    (:func:`napari_diffst.spot_consistency.spot_report`, with the raw blend's figures under
+    ``'before_projection'``) in ``TiledResult.report`` and the OME-Zarr metadata; it needs the maps whole, so
+    ``'auto'`` = only in memory."""
     import torch
 
     from .diffusion.samplers import diffusion_for_model, sample_progressive
@@ -647,14 +661,64 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
                         mean_acc[:, r0:r0 + h, c0:c0 + w] += tile_mu * hm
                         if with_std:
                             std_acc[:, r0:r0 + h, c0:c0 + w] += tile_sd * hm
+        if project == "auto":
+            project = method is not None and (getattr(source, "extra", None) or {}).get("mode") == "native"
+        if report == "auto":
+            report = bool(project) and writer is None
+        rep = _project_tiled(source, writer, mean_acc, gs, bool(project), bool(report))
+        if writer is not None and rep is not None:
+            # where the untiled `sample` keeps them: read_maps(path).metadata['napari_diffst'][...]
+            writer.metadata = dict(writer.metadata or {}, napari_diffst=rep)
         path = writer.close() if writer is not None else None
         finished = True
     finally:
         if writer is not None and not finished:
             writer.abort()
     res = TiledResult(list(source.genes), float(source.hr_um), (H, W), np.asarray(source.gene_scale), plan.n_tiles,
-                      n, M, time.perf_counter() - t_start, calls, mean_acc, std_acc, path)
+                      n, M, time.perf_counter() - t_start, calls, mean_acc, std_acc, path,
+                      (rep or {}).get("spot_report"), (rep or {}).get("projection"))
     yield {"result": res}
+
+
+def _project_tiled(source, writer, mean_acc, gs, project: bool, report: bool) -> dict | None:
+    """The blended maps (in the store or in memory) projected onto the source's spots band by band, and their
+    spot report: ``{'projection': ..., 'spot_report': ...}`` (what was done), or None."""
+    if not (project or report):
+        return None
+    ex = getattr(source, "extra", None) or {}
+    if "spot_hr_cr" not in ex:
+        raise DataFormatError(None, f"{source.name}: no spot geometry to project onto or report against",
+                              "a native source (the section's spots as its LR)")
+    from .spot_consistency import project_bands, spot_disks, spot_report
+
+    G = len(source.genes)
+    hm = np.asarray(source.hr_mask, bool)
+    if writer is not None:  # expression units, NaN outside the shown mask
+        def read(r0, r1):
+            return writer.read_rows(r0, r1, slice(0, G))
+
+        def write(r0, t):
+            writer.write_tile(r0, 0, t, channels=slice(0, G))
+    else:  # model units, 0 outside the HR mask
+        def read(r0, r1):
+            return np.where(hm[None, r0:r1], mean_acc[:, r0:r1] * gs, np.nan)
+
+        def write(r0, t):
+            mean_acc[:, r0:r0 + t.shape[1]] = np.where(np.isfinite(t), t / gs, 0.0)
+
+    out, disks, before = {}, None, None
+    if report:
+        disks = spot_disks(source)
+        before = spot_report(read(0, source.hr_shape[0]), source, disks=disks)
+    if project:
+        out["projection"] = project_bands(read, write, source)
+    if report:
+        rep = spot_report(read(0, source.hr_shape[0]), source, disks=disks)
+        if project:
+            rep["projection"] = out["projection"]
+            rep["before_projection"] = {k: before[k] for k in before if k != "per_gene"}
+        out["spot_report"] = rep
+    return out
 
 
 def super_resolve_tiled(model, source: TileSource, **kw) -> TiledResult:

@@ -361,7 +361,7 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
             yield {"kind": "cancelled", "message": "sampling cancelled"}
             return
         std = res.std if res.std is not None else np.zeros_like(res.mean)
-        out = SRResult(res.mean, std, list(res.genes), res.hr_um, fld, res.steps, res.n_samples)
+        out = SRResult(res.mean, std, list(res.genes), res.hr_um, fld, res.steps, res.n_samples, report=res.report)
         yield {"kind": "result", "result": out, "info": info, "mode": plan.mode, **result_layer_data(out)}
 
     return _guard(job, "super-resolution", body())

@@ -420,6 +420,13 @@ class OmeZarrWriter:
                 self._cmin[idx] = np.minimum(self._cmin[idx], lo)
                 self._cmax[idx] = np.maximum(self._cmax[idx], hi)
 
+    def read_rows(self, r0: int, r1: int, channels=slice(None)) -> np.ndarray:
+        """Level-0 rows ``r0:r1`` (all columns) of ``channels`` as written so far (NaN where nothing was), for a
+        pass over the whole image before :meth:`close` (the projection onto the spots of tiled output)."""
+        if self._closed:
+            raise RuntimeError("writer is closed")
+        return np.asarray(self._arrays[0][channels, int(r0):int(r1), :], np.float32)
+
     def add_tile(self, row: int, col: int, tile, channels=None) -> None:
         """Add ``tile`` to what level 0 already holds at (``row``, ``col``) — read, add, write back — so
         overlapping, pre-weighted tiles blend (tiled inference: weights that sum to one per pixel). NaN in
