@@ -29,15 +29,9 @@ MAX_FEATURE_GENES = 64
 
 
 def _lognorm(counts, target: float = 1e4) -> np.ndarray:
-    import scipy.sparse as sp
+    from .data.normalise import log_cp10k
 
-    X = counts.tocsr().astype(np.float64) if sp.issparse(counts) else np.asarray(counts, np.float64)
-    lib = np.asarray(X.sum(axis=1)).ravel()
-    lib[lib == 0] = 1.0
-    if sp.issparse(X):
-        X = sp.diags(target / lib) @ X
-        return np.log1p(X.toarray())
-    return np.log1p(X * (target / lib)[:, None])
+    return log_cp10k(counts, target=target)
 
 
 def default_display_gene(sample: Sample) -> str | None:
@@ -58,11 +52,9 @@ def spot_features(sample: Sample, genes: list[str] | None = None, n_top: int = M
         i = lookup.get(str(g).lower())
         if i is not None and i not in idx:
             idx.insert(0, i)
-    C = sample.counts()
-    lib = np.asarray(C.sum(axis=1)).ravel()
-    lib[lib == 0] = 1.0
-    sub = C[:, idx].toarray().astype(np.float64)
-    vals = np.log1p(sub * (1e4 / lib)[:, None])
+    from .data.normalise import log_cp10k
+
+    vals = log_cp10k(sample.counts(), cols=idx)
     df = pd.DataFrame(vals.astype(np.float32), columns=list(names[idx]))
     df.insert(0, "barcode", np.asarray(sample.adata.obs_names).astype(str))
     return df

@@ -257,12 +257,11 @@ def thin_counts(counts: np.ndarray, rng: np.random.Generator, p: float = 0.5) ->
 
 
 def normalise_counts(counts: np.ndarray, library: np.ndarray | None = None, target: float = 1e4) -> np.ndarray:
-    """``log1p(counts / library * target)`` (CP10k); ``library`` defaults to the row sums."""
-    counts = np.asarray(counts, np.float64)
-    lib = counts.sum(axis=1) if library is None else np.asarray(library, np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f = np.where(lib > 0, target / np.maximum(lib, _EPS), 0.0)
-    return np.log1p(counts * f[:, None])
+    """``log1p(counts / library * target)`` (CP10k); ``library`` defaults to the row sums
+    (:func:`napari_diffst.data.normalise.log_cp10k`, the one normalisation)."""
+    from .data.normalise import log_cp10k
+
+    return log_cp10k(np.asarray(counts, np.float64), library_size=library, target=target)
 
 
 def split_half_reference(counts: np.ndarray, library: np.ndarray | None = None, seed: int = 0,

@@ -37,6 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ..errors import DiffSTError, GeneNotFoundError
+from .normalise import cp10k_factor, log_cp10k  # noqa: F401  (log_cp10k: re-exported, its home is normalise)
 
 __all__ = [
     "resolve_genes",
@@ -184,21 +185,6 @@ def _as_list(x) -> list:
 # --------------------------------------------------------------------------------------------
 # statistics
 # --------------------------------------------------------------------------------------------
-def log_cp10k(counts, cols: Sequence[int] | None = None, library_size: np.ndarray | None = None,
-              dense: bool = True):
-    """log1p(counts / library size × 10⁴) for the chosen columns; library size = row sum over
-    *all* genes unless given. Spots with zero counts stay 0."""
-    C = counts.tocsr() if sp.issparse(counts) else sp.csr_matrix(np.asarray(counts))
-    lib = np.asarray(C.sum(axis=1)).ravel().astype(np.float64) if library_size is None else \
-        np.asarray(library_size, np.float64)
-    f = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
-    sub = C if cols is None else C[:, np.asarray(cols)]
-    sub = sp.diags(f) @ sub.astype(np.float64)
-    sub = sub.tocsr()
-    sub.data = np.log1p(sub.data)
-    return sub.toarray() if dense else sub
-
-
 def hvg_dispersion(mean: np.ndarray, var: np.ndarray, n_bins: int = 20) -> np.ndarray:
     """Seurat normalised dispersion from per-gene mean and variance (here of log1p(CP10k)).
 
@@ -311,8 +297,7 @@ def gene_scores(samples_or_adatas, method: str = "hvg", min_frac_detected: float
         lib = np.asarray(C.sum(axis=1)).ravel().astype(np.float64)
         sub = C[:, c]
         det += np.asarray((sub > 0).sum(axis=0)).ravel()
-        f = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
-        cp = (sp.diags(f) @ sub.astype(np.float64)).tocsr()
+        cp = (sp.diags(cp10k_factor(lib)) @ sub.astype(np.float64)).tocsr()
         lg = cp.copy()
         lg.data = np.log1p(lg.data)
         n = C.shape[0]

@@ -380,10 +380,9 @@ def normalise_counts(counts: np.ndarray, library_size: np.ndarray, gene_scale: n
                      ) -> np.ndarray:
     """``log1p(counts / library_size × 10⁴) / gene_scale`` (model units), float32; rows with a zero
     library give 0."""
-    c = np.asarray(counts.toarray() if sp.issparse(counts) else counts, np.float64)
-    lib = np.asarray(library_size, np.float64).reshape(-1, 1)
-    f = np.divide(1e4, lib, out=np.zeros_like(lib), where=lib > 0)
-    v = np.log1p(c * f)
+    from .normalise import log_cp10k
+
+    v = log_cp10k(counts, library_size=library_size)
     if gene_scale is not None:
         v = v / np.asarray(gene_scale, np.float64).reshape(1, -1)
     return v.astype(np.float32)
@@ -773,9 +772,9 @@ def _bin_truth(sample: Sample, genes: Sequence[str], A_hr_img: np.ndarray, shape
         inside &= acc[G + 1] >= 0.5
     else:
         inside &= tot > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        v = np.where(tot > 0, rate * (1e4 / np.where(tot > 0, tot, 1.0)), 0.0)
-    return np.log1p(v).astype(np.float32), inside
+    from .normalise import cp10k_factor
+
+    return np.log1p(rate * cp10k_factor(tot)).astype(np.float32), inside
 
 
 #: how far (in lattice pitches) past the in-tissue spots' cells a shown map may reach where the H&E is tissue

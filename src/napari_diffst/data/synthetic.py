@@ -803,11 +803,10 @@ def truth_counts_on_grid(sample_or_truth, cell_um: float, seed: int | None = Non
 def truth_log1p_cp10k(maps: np.ndarray, target: float = 1e4) -> np.ndarray:
     """log1p(CP10k) of noise-free expression: each pixel's rates normalised to sum ``target``
     over the panel (0 where a pixel has no expression) — the units the spots layer shows."""
+    from .normalise import cp10k_factor
+
     maps = np.asarray(maps, np.float64)
-    tot = maps.sum(axis=0, keepdims=True)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        v = np.where(tot > 0, maps * (target / tot), 0.0)
-    return np.log1p(v).astype(np.float32)
+    return np.log1p(maps * cp10k_factor(maps.sum(axis=0, keepdims=True), target)).astype(np.float32)
 
 
 def spot_expected_counts(sample: Sample) -> np.ndarray:
