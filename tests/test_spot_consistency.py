@@ -131,6 +131,10 @@ def test_cli_sample_report_on_a_real_section(her2st_dir, tmp_path):
 
     md = read_maps(out).metadata["napari_diffst"]
     assert md["spot_report"]["spot_pcc"] == rep["spot_pcc"]
+    # the self-check (issue 14) travels with the report: the section's spots one level coarser
+    sc = rep["self_check"]
+    assert len(sc["beta"]) == 4 and sc["pcc"]["cubic"] is not None and "2×2 blocks" in sc["level"]
+    assert md["spot_report"]["self_check"]["beta"] == sc["beta"]
     # tiled whole-slide output is projected too (band by band) and has the same report
     tz, tj = tmp_path / "t.zarr", tmp_path / "t.json"
     assert cli_main(["sample", "--checkpoint", str(ck), "--data", str(her2st_dir / "C3"), "--tile", "16",

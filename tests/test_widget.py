@@ -787,6 +787,10 @@ def test_her2st_c2_flow(shown_viewer, qtbot, tmp_path, her2st_dir, isolated_sett
     assert rep["spot_pcc"] >= 0.95 and abs(rep["spot_bias"]) <= 0.05 and rep["masked_in_spots"] < 0.05
     txt = sm.report_text.text()
     assert txt.startswith("True to the spots (187)") and f"PCC {rep['spot_pcc']:.3f}" in txt and "lattice" in txt
+    # and the self-check on this section one level coarser (3×3 blocks of its spots → its spots), shown below it
+    sc = rep["self_check"]
+    assert len(sc["beta"]) == 3 and "3×3 blocks" in sc["level"]
+    assert "Self-check, one level coarser" in txt and f"block copy {sc['pcc']['nearest']:.3f}" in txt
     assert all(ly.metadata["spot_report"] is rep for ly in sr)
     e_sr, e_sp = sr[0].extent.world, spots.extent.world
     # the SR raster covers the spots (± one LR pixel) in µm

@@ -25,6 +25,8 @@ def _drain(events, bar):
     for ev in events:
         if "result" in ev:
             res = ev["result"]
+        elif "stage" in ev:
+            print(ev.get("message", ev["stage"]), file=sys.stderr)
         else:
             bar.total, bar.n = ev["total"], ev["done"]
             bar.refresh()
@@ -206,7 +208,12 @@ def cmd_sample(args) -> int:
 def _print_report(rep: dict, name: str) -> None:
     from .spot_consistency import REPORT_KEYS
 
-    print(f"true to the spots ({name}): " + ", ".join(f"{k} {rep[k]}" for k in REPORT_KEYS), file=sys.stderr)
+    from .method import format_self_check
+
+    if all(k in rep for k in REPORT_KEYS):
+        print(f"true to the spots ({name}): " + ", ".join(f"{k} {rep[k]}" for k in REPORT_KEYS), file=sys.stderr)
+    if rep.get("self_check"):
+        print(format_self_check(rep["self_check"], full_warning=True), file=sys.stderr)
 
 
 def _write_report(path, name: str, rep: dict | None, mode: str) -> None:

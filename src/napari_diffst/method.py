@@ -24,9 +24,15 @@ The method (docs/model.md, "The method object"):
    whose condition / residual base (``lr_upsampled(3)``) is that prior; the EMA weights are kept.
 3. **Shrink**: the detail the diffusion adds to its base is scaled by the least-squares α ∈ [0, 1] fitted on
    the validation field (α = 1 without a validation field with HR targets).
-4. **Predict**: the mean of ``n_samples`` reverse-diffusion samples (``sample_steps`` respaced steps), the shrink
-   applied, masked; on native fields projected onto the spots (:func:`napari_diffst.pipeline.project_result`)
-   with the true-to-the-spots report.
+4. **Self-check** (native fields, issue 14): the section's own spots, one level coarser — s×s blocks of its spots
+   as the input, the spots as the truth (:meth:`DiffST.self_check`) — are predicted by the method and by the cubic
+   and block-copy upsampling and scored against the spots, with no truth from anywhere else.  Per gene, the share
+   β ∈ [0, 1] of the histology-driven detail (method − cubic) that helps there (least squares, down to none) is
+   kept at native resolution: ``cubic + β·(method − cubic)``; genes with β = 0 fall back to the cubic LR↑ of the
+   spots, and the report warns when the histology does not help on the section.
+5. **Predict**: the mean of ``n_samples`` reverse-diffusion samples (``sample_steps`` respaced steps), the shrink
+   applied, the self-check's β applied (native), masked; on native fields projected onto the spots
+   (:func:`napari_diffst.pipeline.project_result`) with the true-to-the-spots report and the self-check.
 
 ``save``/``load``: the trainer's checkpoint (:mod:`napari_diffst.train.checkpoint`, format version 2) with a
 ``method`` entry holding everything else ``predict`` needs: the prior's ridge (coefficients, feature
@@ -46,7 +52,7 @@ import numpy as np
 
 from .errors import CancelledError, DataFormatError, DiffSTError
 
-__all__ = ["DiffST", "DIFFUSION_BUDGETS", "ABLATIONS", "PRIOR_STRIPES", "CELL_UM_PER_PX", "stripe_folds",
+__all__ = ["DiffST", "format_self_check", "DIFFUSION_BUDGETS", "ABLATIONS", "PRIOR_STRIPES", "CELL_UM_PER_PX", "stripe_folds",
            "METHOD_STATE_VERSION"]
 
 #: Knobs of Diff-ST per budget (the lead tunes these).
@@ -420,13 +426,23 @@ class DiffST:
         return pred, base
 
     def iter_predict(self, field, sample=None, steps: int | None = None, n_samples: int | None = None,
-                     seed: int | None = None, sampler: str | None = None, project="auto") -> Iterator[dict]:
+                     seed: int | None = None, sampler: str | None = None, project="auto",
+                     self_check="auto") -> Iterator[dict]:
         """Generator: the sampler's preview dicts (``'x0_pred'``, ``'done'``, ``'total'``, ...; stop iterating to
         cancel), then ``{'result': SRResult}`` — the shrunk, masked mean in model units; on native fields
         (``project='auto'``) projected onto the spots with the report.  ``steps`` / ``n_samples`` / ``seed`` /
-        ``sampler`` default to the fitted knobs and seed."""
+        ``sampler`` default to the fitted knobs and seed.  ``self_check``: ``'auto'`` = on native fields with the
+        ``sample`` at hand, run :meth:`self_check` first and keep per gene only the detail that helped there
+        (``report['self_check']``); ``False``: no check; a dict: a check already run."""
         from . import pipeline as P
 
+        native = field.extra.get("mode") == "native"
+        check = None
+        if isinstance(self_check, dict):
+            check = self_check
+        elif self_check is True or (self_check == "auto" and native and sample is not None):
+            yield {"stage": "self-check", "message": f"self-check on {sample.name}, one level coarser"}
+            check = self.self_check(sample, steps=steps, n_samples=n_samples, seed=seed, sampler=sampler)
         f, base = self.prepare_field(field, sample)
         kn = self.knobs_
         steps = int(kn["sample_steps"] if steps is None else steps)
@@ -447,12 +463,89 @@ class DiffST:
         if a != 1.0:
             pred = base + a * (pred - base)
             std = std * np.float32(a)
+        beta = None if check is None else check.get("beta")
+        if beta is not None:  # the self-check's share of the histology-driven detail, per gene
+            from .data.upsample import cubic_upsample
+
+            b = np.asarray(beta, np.float32)[:, None, None]
+            cub = cubic_upsample(field.lr, int(field.scale), field.lr_mask, order=3).astype(np.float32)
+            pred = cub + b * (pred - cub)
+            std = std * b
         pred = pred * mask
         report = None
-        if project is True or (project == "auto" and field.extra.get("mode") == "native"):
+        if project is True or (project == "auto" and native):
             pred, report = P.project_result(pred, field)
+        if check is not None:
+            report = dict(report or {}, self_check=check)
         yield {"result": P.SRResult(pred, (std * mask).astype(np.float32), list(field.genes), field.hr_um, field,
                                     res.steps, n_samples, report=report)}
+
+    #: genes whose self-check gain (method PCC − the better of cubic and block copy, one level coarser) is below
+    #: this count as "histology does not help" in the warning
+    SELF_CHECK_MARGIN = 0.0
+
+    def self_check(self, sample, *, steps: int | None = None, n_samples: int | None = None,
+                   seed: int | None = None, sampler: str | None = None) -> dict:
+        """The method on the section's own spots one level coarser (s×s blocks of spots → the spots, the
+        ``degrade`` field; no truth from anywhere else), against the cubic LR↑ and the block copy.
+
+        Returns a JSON-ready dict: ``level``; mean ``pcc`` / ``detail_pcc`` of ``method``, ``cubic``, ``nearest``
+        and ``kept`` (the method with only the detail share β kept); ``beta`` (G,) ∈ [0, 1], the least-squares
+        share of ``method − cubic`` that fits ``truth − cubic`` there (0: the gene falls back to the cubic LR↑);
+        ``per_gene``; ``fallback`` (genes with β = 0); ``warning`` (a sentence, or None).  ``kept`` is scored on
+        the level β was fitted on (one number per gene).  A model trained on this same section has seen that
+        level (its network, not its cross-fitted prior), so its check is optimistic; a model trained on other
+        sections is checked on data it never saw.  ``{'skipped': why}`` when the section has too few spots for
+        s×s blocks."""
+        from .data.upsample import cubic_upsample
+        from .metrics import detail_pcc_per_gene, pcc_per_gene
+
+        s = int(self.geometry_["scale"])
+        try:
+            chk = self.make_field(sample, "degrade")
+        except (DiffSTError, ValueError) as exc:
+            return {"skipped": f"no level one coarser on this section ({exc})"}
+        mask = np.asarray(chk.hr_mask, bool)
+        if mask.sum() < 8:
+            return {"skipped": f"no level one coarser on this section (only {int(mask.sum())} spots in s×s blocks)"}
+        pred = np.asarray(DiffST.predict(self, chk, sample=sample, steps=steps, n_samples=n_samples, seed=seed,
+                                         sampler=sampler, project=False, self_check=False).mean, np.float64)
+        truth = np.asarray(chk.hr, np.float64)
+        cub = cubic_upsample(chk.lr, s, chk.lr_mask, order=3).astype(np.float64)
+        near = np.asarray(chk.lr_upsampled(0), np.float64)
+        d, r = (pred - cub)[:, mask], (truth - cub)[:, mask]
+        dd = (d * d).sum(axis=1)
+        beta = np.clip(np.divide((d * r).sum(axis=1), dd, out=np.zeros_like(dd), where=dd > 0), 0.0, 1.0)
+        kept = cub + beta[:, None, None] * (pred - cub)
+        maps = {"method": pred, "cubic": cub, "nearest": near, "kept": kept}
+        pcc = {k: pcc_per_gene(v, truth, mask) for k, v in maps.items()}
+        det = {k: detail_pcc_per_gene(v, truth, near, mask) for k, v in maps.items()}
+        gain = pcc["method"] - np.maximum(pcc["cubic"], pcc["nearest"])
+        genes = list(chk.genes)
+        fallback = [g for g, b in zip(genes, beta) if b == 0.0]
+        helps = np.nan_to_num(gain, nan=0.0) > self.SELF_CHECK_MARGIN
+        warning = None
+        m = lambda a: float(np.nanmean(a)) if np.isfinite(a).any() else float("nan")  # noqa: E731
+        if m(gain) <= self.SELF_CHECK_MARGIN or helps.sum() < len(genes) / 2:
+            warning = (f"on this section, one level coarser, the histology does not help: method PCC "
+                       f"{m(pcc['method']):.3f} vs cubic {m(pcc['cubic']):.3f} / block copy {m(pcc['nearest']):.3f} "
+                       f"(better for {int(helps.sum())} of {len(genes)} genes); the maps keep {beta.min():.2f}–"
+                       f"{beta.max():.2f} of the histology's detail per gene ({len(fallback)} of {len(genes)} on "
+                       f"the spots' cubic upsampling alone; PCC there {m(pcc['kept']):.3f})")
+
+        def r4(v):
+            v = float(v)
+            return round(v, 4) if np.isfinite(v) else None
+
+        return {
+            "level": f"{s}×{s} blocks of this section's spots → its {int(mask.sum())} spots",
+            "pcc": {k: r4(m(v)) for k, v in pcc.items()},
+            "detail_pcc": {k: r4(m(v)) for k, v in det.items()},
+            "beta": [round(float(b), 4) for b in beta],
+            "fallback": fallback, "warning": warning,
+            "per_gene": {"gene": genes, **{f"pcc_{k}": [r4(x) for x in v] for k, v in pcc.items()},
+                         "detail_pcc_method": [r4(x) for x in det["method"]]},
+        }
 
     def predict(self, field, sample=None, **kw):
         """Run :meth:`iter_predict` to the end: a :class:`napari_diffst.pipeline.SRResult`."""
@@ -466,6 +559,7 @@ class DiffST:
         and the shrink applied as in :meth:`predict`, masked, not projected (for CRPS / coverage)."""
         seed = self.seed if seed is None else int(seed)
         return np.stack([np.asarray(DiffST.predict(self, field, sample=sample, n_samples=1, seed=seed + 1000 + j,
+                                                   self_check=False,
                                                    project=False).mean, np.float32) for j in range(int(n))])
 
     def predict_map(self, field, sample=None) -> np.ndarray:
@@ -609,3 +703,24 @@ def _stripe_cross_fit(field, folds: Sequence[np.ndarray]) -> np.ndarray:
         params = CellRidgePrior._solve(X[:, rows].T.astype(np.float64), Y[:, rows].T.astype(np.float64), lam)
         out[:, st] = CellRidgePrior._apply(params, field, X)[:, st]
     return out
+
+
+def format_self_check(sc: dict | None, full_warning: bool = False) -> str:
+    """A few lines for the CLI and the dock: the self-check's figures (:meth:`DiffST.self_check`), then whether
+    the histology helps (``full_warning``: the whole warning sentence; the dock shows it as a notification)."""
+    if not sc:
+        return ""
+    if "skipped" in sc:
+        return f"Self-check: skipped ({sc['skipped']})"
+    p, d = sc["pcc"], sc["detail_pcc"]
+
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    line = (f"Self-check, one level coarser ({sc['level']}): PCC method {f(p['method'])}, cubic {f(p['cubic'])}, "
+            f"block copy {f(p['nearest'])}, kept {f(p['kept'])}; detail-PCC method {f(d['method'])}; detail kept "
+            f"per gene {min(sc['beta']):.2f}–{max(sc['beta']):.2f}, {len(sc['fallback'])} of {len(sc['beta'])} "
+            "genes on the cubic LR↑ alone")
+    if sc.get("warning"):
+        line += f"\nWARNING: {sc['warning']}" if full_warning else "\nWARNING: the histology does not help on this section"
+    return line

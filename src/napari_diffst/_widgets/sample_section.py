@@ -44,10 +44,14 @@ def format_report(rep: dict) -> str:
         v = rep.get(k)
         return "n/a" if v is None else fmt.format(v)
 
-    return (f"True to the spots ({rep.get('n_spots', 0)}): PCC {f('spot_pcc')} (min {f('spot_pcc_min')}), "
+    from ..method import format_self_check
+
+    line = (f"True to the spots ({rep.get('n_spots', 0)}): PCC {f('spot_pcc')} (min {f('spot_pcc_min')}), "
             f"bias {f('spot_bias', '{:+.1%}')}, genes alike {f('alike_maps', '{:.2f}')} "
             f"(spots {f('alike_spots', '{:.2f}')}), lattice {f('lattice', '{:.2f}')}, "
             f"masked in spots {f('masked_in_spots', '{:.1%}')}")
+    sc = format_self_check(rep.get("self_check"))
+    return line + ("\n" + sc if sc else "")
 
 
 def gene_colormap(genes, gene) -> str:
@@ -140,7 +144,7 @@ class SampleSection(Section):
         self.add_widget(self.preview)
         self.status = self.add_widget(StatusText("Train a model (section 4) or choose a checkpoint.", lines=2))
         #: after a native Sample: how true the maps are to the section's own spots (spot_consistency.spot_report)
-        self.report_text = self.add_widget(StatusText("", lines=1))
+        self.report_text = self.add_widget(StatusText("", lines=6))
         self.report_text.setToolTip(
             "True to the spots (native maps, no truth needed): each spot's disk averaged back in expression space "
             "vs the spot (PCC, mean relative bias; the maps are projected so that they match), how alike the "
@@ -313,6 +317,9 @@ class SampleSection(Section):
     def _show_report(self, rep: dict | None) -> None:
         self.report = rep
         self.report_text.setText(format_report(rep) if rep else "")
+        warning = ((rep or {}).get("self_check") or {}).get("warning")
+        if warning:  # histology does not help on this section: say so where the user looks
+            notify_warning(f"Self-check: {warning}")
 
     def _show_result(self, res, data: dict | None = None):
         """Queue the result layers (added once the worker has finished). ``data``: the worker's

@@ -323,6 +323,9 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
                 res = upd["result"]
                 yield {"kind": "result", "result": res, "info": info, "mode": m, **result_layer_data(res, sample)}
                 return
+            if "stage" in upd:  # the self-check before sampling (method.DiffST.self_check)
+                yield {"kind": "prepare", "message": upd.get("message", upd["stage"])}
+                continue
             total = upd["total"]
             last = upd["done"] == total or upd["i"] == upd["n_steps"] - 1  # end of a sample
             out = {"kind": "progress", "done": upd["done"], "total": total, "sample": upd["sample"],

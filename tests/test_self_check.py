@@ -1,0 +1,106 @@
+"""Never worse than the spots (issue 14): the self-check on the section's own spots one level coarser, the
+per-gene share β of the histology-driven detail it keeps, the fallback to the spots' cubic upsampling, and the
+report that carries it (CLI, OME-Zarr metadata, dock line)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from napari_diffst import pipeline as P
+from napari_diffst.data.synthetic import make_synthetic
+from napari_diffst.data.upsample import cubic_upsample
+from napari_diffst.method import DiffST, format_self_check
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):
+    """Tiny fits, one torch thread."""
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    import torch
+
+    torch.set_num_threads(1)
+    smp = make_synthetic(seed=1, size_um=(2000.0, 2000.0))
+    smp.name = "synthetic1"
+    (f,), _ = P.make_fields([smp], P.choose_genes([smp], n_genes=3), 2, mode="degrade")
+    m = DiffST(budget="tiny", seed=0, device="cpu", prior="cell", n_samples=1, sample_steps=2, verbose=False)
+    m.fit([f], train_samples=[smp])
+    return m, smp
+
+
+def _fake_check_level(monkeypatch, make):
+    """The method's map on the check level (the degrade field) replaced by ``make(field)``; native unchanged."""
+    real = DiffST.predict
+
+    def predict(self, field, sample=None, **kw):
+        if field.extra.get("mode") == "degrade":
+            return P.SRResult(make(field).astype(np.float32), np.zeros_like(field.hr), list(field.genes),
+                              field.hr_um, field, 1, 1)
+        return real(self, field, sample=sample, **kw)
+
+    monkeypatch.setattr(DiffST, "predict", predict)
+
+
+def _cubic(f):
+    return cubic_upsample(f.lr, int(f.scale), f.lr_mask, order=3).astype(np.float64)
+
+
+def test_detail_that_matches_the_spots_is_kept_whole(fitted, monkeypatch):
+    m, smp = fitted
+    _fake_check_level(monkeypatch, lambda f: np.asarray(f.hr, np.float64))  # the method gets the level exactly
+    sc = m.self_check(smp)
+    assert sc["beta"] == pytest.approx([1.0] * len(m.genes_), abs=1e-6)
+    assert sc["fallback"] == [] and sc["warning"] is None
+    assert sc["pcc"]["method"] > max(sc["pcc"]["cubic"], sc["pcc"]["nearest"])
+    assert sc["pcc"]["kept"] == pytest.approx(sc["pcc"]["method"], abs=1e-6)
+    assert "2×2 blocks" in sc["level"] and "Self-check" in format_self_check(sc)
+
+
+def test_detail_unrelated_to_the_spots_falls_back_to_the_cubic_with_a_warning(fitted, monkeypatch):
+    m, smp = fitted
+    rng = np.random.default_rng(0)
+
+    def wrong(f):  # confident detail pointing the wrong way: minus the real detail, plus noise
+        c = _cubic(f)
+        return c - (np.asarray(f.hr) - c) + rng.normal(0, 0.05, c.shape)
+
+    _fake_check_level(monkeypatch, wrong)
+    sc = m.self_check(smp)
+    assert sc["beta"] == [0.0] * len(m.genes_) and sc["fallback"] == list(m.genes_)
+    assert sc["pcc"]["method"] < sc["pcc"]["cubic"] and sc["pcc"]["kept"] == pytest.approx(sc["pcc"]["cubic"])
+    assert sc["warning"] and "does not help" in sc["warning"]
+    assert "WARNING" in format_self_check(sc)
+    # natively every gene is then the spots' cubic upsampling, made true to the spots: never worse than the spots
+    nat = m.make_field(smp, "native")
+    res = m.predict(nat, sample=smp)
+    assert res.report["self_check"]["fallback"] == list(m.genes_)
+    gs = np.asarray(nat.gene_scale, np.float32)[:, None, None]
+    ref, _ = P.project_result((_cubic(nat) * nat.hr_mask[None]).astype(np.float32), nat)
+    np.testing.assert_allclose(res.mean, ref, atol=1e-5)
+    assert not np.allclose(res.mean * gs, m.predict(nat, sample=smp, self_check=False).mean * gs, atol=1e-3)
+    assert float(np.abs(res.std).max()) == 0.0  # no detail kept, no spread from it
+
+
+def test_a_check_already_run_is_reused_and_degrade_fields_are_not_checked(fitted):
+    m, smp = fitted
+    sc = m.self_check(smp)
+    assert set(sc) >= {"level", "pcc", "detail_pcc", "beta", "fallback", "warning", "per_gene"}
+    assert len(sc["beta"]) == len(m.genes_) and all(0.0 <= b <= 1.0 for b in sc["beta"])
+    nat = m.make_field(smp, "native")
+    a = m.predict(nat, sample=smp, self_check=sc)
+    b = m.predict(nat, sample=smp)  # 'auto' runs the same check (same seed) again
+    np.testing.assert_array_equal(a.mean, b.mean)
+    assert a.report["self_check"] == sc
+    deg = m.make_field(smp, "degrade")
+    assert (m.predict(deg, sample=smp).report or {}).get("self_check") is None
+    assert m.predict(nat, sample=None).report.get("self_check") is None  # no section at hand: no check
+
+
+def test_a_section_too_small_for_blocks_skips_the_check(fitted):
+    m, _ = fitted
+    tiny = make_synthetic(seed=5, size_um=(400.0, 400.0))
+    sc = m.self_check(tiny)
+    assert "skipped" in sc and "coarser" in sc["skipped"]
+    assert format_self_check(sc).startswith("Self-check: skipped")
