@@ -144,7 +144,7 @@ class SampleSection(Section):
         self.add_widget(self.preview)
         self.status = self.add_widget(StatusText("Train a model (section 4) or choose a checkpoint.", lines=2))
         #: after a native Sample: how true the maps are to the section's own spots (spot_consistency.spot_report)
-        self.report_text = self.add_widget(StatusText("", lines=6))
+        self.report_text = self.add_widget(StatusText("", lines=8))
         self.report_text.setToolTip(
             "True to the spots (native maps, no truth needed): each spot's disk averaged back in expression space "
             "vs the spot (PCC, mean relative bias; the maps are projected so that they match), how alike the "
