@@ -9,6 +9,10 @@ cross-fitted on stripes of the section, diffusion, shrink — with ``--steps`` /
 overriding them) instead of the bare network (``--method network``, the default, which wrote
 docs/spots_her2st_8genes.json).
 
+With ``--method diffst`` each row also holds the method's self-check (``self_check``: the section's spots one
+level coarser, method vs cubic vs block copy, the per-gene share β of the detail kept natively; the model was
+trained on this same section, so the check is in-sample for its network).
+
 Budgets are step counts (``--steps`` training steps, ``--sample-steps`` × ``--n-samples`` reverse steps), so the
 figures are reproducible with the seed.  Each row has the raw sampler mean's figures (``before_projection``) and
 those after the projection onto the spots (what ``napari-diffst sample`` writes).
@@ -79,8 +83,12 @@ def main(argv=None) -> int:
             rep = dict(res.report, trained_steps=int(tr.step), genes=list(genes),
                        seconds=round(time.perf_counter() - t0, 1), **extra)
             rows.setdefault(name, {})[str(s)] = rep
+            sc = rep.get("self_check") or {}
+            chk = (f"  self-check PCC method {sc['pcc']['method']} cubic {sc['pcc']['cubic']} block "
+                   f"{sc['pcc']['nearest']} kept {sc['pcc']['kept']}, β {np.mean(sc['beta']):.2f}"
+                   if "pcc" in sc else "")
             print(f"{name:<8}{s:>6}" + "".join(f"{str(rep[k]):>16}" for k in REPORT_KEYS)
-                  + f"{str(rep['before_projection']['spot_bias']):>15}", flush=True)
+                  + f"{str(rep['before_projection']['spot_bias']):>15}" + chk, flush=True)
     doc = {"command": " ".join(["scripts/spots_her2st.py"] + (argv if argv is not None else sys.argv[1:])),
            "budget": a.budget, "method": a.method, "steps": a.steps, "sample_steps": a.sample_steps, "n_samples": a.n_samples,
            "seed": a.seed, "n_genes": a.n_genes, "total_seconds": round(time.perf_counter() - t_all, 1),
