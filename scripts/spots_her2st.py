@@ -23,6 +23,8 @@ import argparse
 import json
 import sys
 import time
+
+import numpy as np
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
