@@ -104,3 +104,50 @@ def test_a_section_too_small_for_blocks_skips_the_check(fitted):
     sc = m.self_check(tiny)
     assert "skipped" in sc and "coarser" in sc["skipped"]
     assert format_self_check(sc).startswith("Self-check: skipped")
+
+
+def test_a_single_training_section_keeps_a_stripe_out_for_the_check(tmp_path, monkeypatch):
+    """The user's case (trained on the section it super-resolves): the last stripe of LR blocks is kept out of
+    the prior and the network (truth zeroed, loss masked), the self-check scores only that stripe, and the
+    checkpoint carries it to a loaded model."""
+    import torch
+
+    torch.set_num_threads(1)
+    seen = {}
+    real_make_trainer = P.make_trainer
+
+    def make_trainer(fields, **kw):  # what the network is trained on
+        seen["fields"] = list(fields)
+        return real_make_trainer(fields, **kw)
+
+    monkeypatch.setattr(P, "make_trainer", make_trainer)
+    smp = make_synthetic(seed=2, size_um=(3000.0, 3000.0))
+    smp.name = "synthetic2"
+    (f,), _ = P.make_fields([smp], P.choose_genes([smp], n_genes=3), 2, mode="degrade")
+    m = DiffST(budget="tiny", seed=0, device="cpu", prior="cell", n_samples=1, sample_steps=2, verbose=False)
+    m.fit([f], train_samples=[smp], out_dir=tmp_path / "ck")
+    hold = m.holdout_["mask"]
+    assert m.holdout_["section"] == "synthetic2" and 0 < hold.sum() < 0.5 * f.hr_mask.sum()
+    (trained,) = seen["fields"]
+    assert not np.asarray(trained.hr_mask, bool)[hold].any() and not np.asarray(trained.hr)[:, hold].any()
+    assert np.asarray(f.hr)[:, hold].any()  # the stripe had truth to hide
+    sc = m.self_check(smp)
+    assert sc["held_out"] and not sc["in_sample"] and "held out of training" in sc["level"]
+    n_all = int(m.make_field(smp, "degrade").hr_mask.sum())
+    assert f"its {int(hold.sum())} spots" in sc["level"] and int(hold.sum()) < n_all
+    m2 = DiffST.load(tmp_path / "ck", device="cpu")
+    np.testing.assert_array_equal(m2.holdout_["mask"], hold)
+    assert m2.train_sections_ == ["synthetic2"]
+    assert m2.self_check(smp)["beta"] == sc["beta"]
+    # another section is checked whole, and is not in-sample
+    other = make_synthetic(seed=3, size_um=(3000.0, 3000.0))
+    other.name = "synthetic3"
+    sc3 = m.self_check(other)
+    assert not sc3["held_out"] and not sc3["in_sample"] and "held out" not in sc3["level"]
+
+
+def test_a_training_section_without_a_held_out_stripe_is_flagged_in_sample(fitted):
+    m, smp = fitted  # 2000 µm: too few LR rows for three stripes, so nothing was held out
+    assert m.holdout_ is None and m.train_sections_ == ["synthetic1"]
+    sc = m.self_check(smp)
+    assert sc["in_sample"] and not sc["held_out"] and "optimistic" in sc["level"]

@@ -161,6 +161,8 @@ class DiffST:
         self.trained_steps_ = 0
         self.cell_um_per_px = CELL_UM_PER_PX
         self.prior_folds_ = None
+        self.holdout_ = None  # the stripe of a single training section kept out of the fit (_hold_out)
+        self.train_sections_ = []
 
     @property
     def ablate_all(self) -> bool:
@@ -297,6 +299,8 @@ class DiffST:
                 self._ensure_cells(f, s)
             if val_field is not None and kn.get("shrink"):
                 self._ensure_cells(val_field, val_sample)
+        self.train_sections_ = [str(f.name) for f in train_fields]
+        train_fields = self._hold_out(train_fields, kn)
         fit_fields = train_fields
         if prior in ("histosge", "cell"):
             fit_fields = self._fit_prior(train_fields, val_field, self.seed, budget, kind=prior)
@@ -317,6 +321,34 @@ class DiffST:
         self.trainer.method_state = self._method_state(with_prior=prior == "cell")  # periodic checkpoints too
         self._fit_ctx = (val_field, kn, t0, out_dir)
         return self.trainer
+
+    def _hold_out(self, train_fields, kn):
+        """One training section (the user's self-supervised case): its last stripe of whole LR blocks
+        (:func:`stripe_folds`) is kept out of everything the fit sees — the prior's ridge and the network's loss
+        and input (truth zeroed, mask off) — so that :meth:`self_check` on that section has pixels the model never
+        trained on.  ``self.holdout_``: ``{'section', 'hr_shape', 'mask'}`` or None (several sections, fewer than
+        3 stripes, or the knob ``holdout=False``)."""
+        self.holdout_ = None
+        if not kn.get("holdout", True) or len(train_fields) != 1:
+            return train_fields
+        f = train_fields[0]
+        if f.hr is None or f.extra.get("mode") != "degrade":
+            return train_fields
+        folds = stripe_folds(f)
+        if len(folds) < 3:
+            return train_fields
+        hold = folds[-1] & np.asarray(f.hr_mask, bool)
+        self.holdout_ = {"section": str(f.name), "hr_shape": [int(x) for x in f.hr_shape], "mask": hold}
+        kept = dataclasses.replace(f, hr=np.where(hold[None], 0, f.hr).astype(np.asarray(f.hr).dtype),
+                                   hr_mask=np.asarray(f.hr_mask, bool) & ~hold, extra=dict(f.extra))
+        return [kept]
+
+    def _holdout_for(self, field):
+        """The held-out pixels (H, W) of ``field`` when it is the training section's degrade field, else None."""
+        h = getattr(self, "holdout_", None)
+        if not h or str(field.name) != h["section"] or list(field.hr_shape) != list(h["hr_shape"]):
+            return None
+        return np.asarray(h["mask"], bool)
 
     def iter_train(self) -> Iterator:
         """The training loop of a :meth:`prepare_fit` (the trainer's events); α is fitted and the final checkpoint
@@ -496,7 +528,8 @@ class DiffST:
         the level β was fitted on (one number per gene).  A model trained on this same section has seen that
         level (its network, not its cross-fitted prior), so its check is optimistic; a model trained on other
         sections is checked on data it never saw.  ``{'skipped': why}`` when the section has too few spots for
-        s×s blocks."""
+        s×s blocks.  When the model was fitted on this one section, the check scores only the stripe held out of
+        that fit (:meth:`_hold_out`; ``held_out``); a training section without one is flagged ``in_sample``."""
         from .data.upsample import cubic_upsample
         from .metrics import detail_pcc_per_gene, pcc_per_gene
 
@@ -506,6 +539,10 @@ class DiffST:
         except (DiffSTError, ValueError) as exc:
             return {"skipped": f"no level one coarser on this section ({exc})"}
         mask = np.asarray(chk.hr_mask, bool)
+        hold = self._holdout_for(chk)
+        in_sample = hold is None and str(chk.name) in (getattr(self, "train_sections_", None) or [])
+        if hold is not None:
+            mask = mask & hold
         if mask.sum() < 8:
             return {"skipped": f"no level one coarser on this section (only {int(mask.sum())} spots in s×s blocks)"}
         pred = np.asarray(DiffST.predict(self, chk, sample=sample, steps=steps, n_samples=n_samples, seed=seed,
@@ -538,7 +575,10 @@ class DiffST:
             return round(v, 4) if np.isfinite(v) else None
 
         return {
-            "level": f"{s}×{s} blocks of this section's spots → its {int(mask.sum())} spots",
+            "level": f"{s}×{s} blocks of this section's spots → its {int(mask.sum())} spots"
+                     + (" in the stripe held out of training" if hold is not None
+                        else " (seen in training: optimistic)" if in_sample else ""),
+            "held_out": hold is not None, "in_sample": bool(in_sample),
             "pcc": {k: r4(m(v)) for k, v in pcc.items()},
             "detail_pcc": {k: r4(m(v)) for k, v in det.items()},
             "beta": [round(float(b), 4) for b in beta],
@@ -608,7 +648,11 @@ class DiffST:
                 "knobs": json.loads(json.dumps(kn, default=str)), "seed": int(self.seed),
                 "alpha": float(self.alpha_), "prior": pr, "geometry": dict(self.geometry_ or {}),
                 "trained_steps": int(self.trainer.step) if self.trainer is not None else int(self.trained_steps_),
-                "cell_um_per_px": float(self.cell_um_per_px)}
+                "cell_um_per_px": float(self.cell_um_per_px),
+                "train_sections": list(getattr(self, "train_sections_", None) or []),
+                "holdout": None if not getattr(self, "holdout_", None) else {
+                    "section": self.holdout_["section"], "hr_shape": list(self.holdout_["hr_shape"]),
+                    "mask": torch.from_numpy(np.asarray(self.holdout_["mask"], np.uint8).copy())}}
 
     def save(self, path) -> Path:
         """Write one checkpoint folder (``model.pt`` + ``config.json``, atomically) that :meth:`load` restores."""
@@ -655,6 +699,10 @@ class DiffST:
             m.cell_um_per_px = float(st.get("cell_um_per_px", CELL_UM_PER_PX))
             m.geometry_ = dict(st.get("geometry") or {})
             m.trained_steps_ = int(st.get("trained_steps", meta.get("step", 0)))
+            m.train_sections_ = list(st.get("train_sections") or [])
+            h = st.get("holdout")
+            m.holdout_ = None if not h else {"section": h["section"], "hr_shape": list(h["hr_shape"]),
+                                             "mask": np.asarray(h["mask"].numpy(), bool)}
             pr = st.get("prior")
             if pr and pr.get("kind") == "cell":
                 p = CellRidgePrior(lams=pr.get("lams") or (0.1, 0.3, 1.0, 3.0))
