@@ -132,7 +132,7 @@ def test_a_single_training_section_keeps_a_stripe_out_for_the_check(tmp_path, mo
     assert not np.asarray(trained.hr_mask, bool)[hold].any() and not np.asarray(trained.hr)[:, hold].any()
     assert np.asarray(f.hr)[:, hold].any()  # the stripe had truth to hide
     sc = m.self_check(smp)
-    assert sc["held_out"] and not sc["in_sample"] and "held out of training" in sc["level"]
+    assert "stripes" in sc["held_out"] and not sc["in_sample"] and "held out of training" in sc["level"]
     n_all = int(m.make_field(smp, "degrade").hr_mask.sum())
     assert f"its {int(hold.sum())} spots" in sc["level"] and int(hold.sum()) < n_all
     m2 = DiffST.load(tmp_path / "ck", device="cpu")
@@ -146,8 +146,27 @@ def test_a_single_training_section_keeps_a_stripe_out_for_the_check(tmp_path, mo
     assert not sc3["held_out"] and not sc3["in_sample"] and "held out" not in sc3["level"]
 
 
-def test_a_training_section_without_a_held_out_stripe_is_flagged_in_sample(fitted):
-    m, smp = fitted  # 2000 µm: too few LR rows for three stripes, so nothing was held out
-    assert m.holdout_ is None and m.train_sections_ == ["synthetic1"]
+def test_a_small_training_section_holds_out_one_block_in_four(fitted):
+    m, smp = fitted  # 2000 µm: too few LR rows for three stripes
+    assert m.train_sections_ == ["synthetic1"] and "one LR block in four" in m.holdout_["how"]
+    hold = m.holdout_["mask"]
+    s = int(m.geometry_["scale"])
+    blocks = hold.reshape(hold.shape[0] // s, s, hold.shape[1] // s, s).any(axis=(1, 3))
+    assert 0.15 < blocks.mean() < 0.35  # a quarter of the LR blocks
     sc = m.self_check(smp)
+    assert sc["held_out"] == m.holdout_["how"] and not sc["in_sample"]
+
+
+def test_several_training_sections_are_flagged_in_sample(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    smps = [make_synthetic(seed=k, size_um=(2000.0, 2000.0)) for k in (1, 2)]
+    for k, x in zip((1, 2), smps):
+        x.name = f"synthetic{k}"
+    fields, _ = P.make_fields(smps, P.choose_genes(smps, n_genes=3), 2)
+    m = DiffST(budget="tiny", seed=0, device="cpu", prior="cell", n_samples=1, sample_steps=2, verbose=False)
+    m.fit(fields, train_samples=smps)
+    assert m.holdout_ is None and m.train_sections_ == ["synthetic1", "synthetic2"]
+    sc = m.self_check(smps[0])
     assert sc["in_sample"] and not sc["held_out"] and "optimistic" in sc["level"]

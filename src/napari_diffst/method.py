@@ -324,7 +324,8 @@ class DiffST:
 
     def _hold_out(self, train_fields, kn):
         """One training section (the user's self-supervised case): its last stripe of whole LR blocks
-        (:func:`stripe_folds`) is kept out of everything the fit sees — the prior's ridge and the network's loss
+        (:func:`stripe_folds`; one LR block in four on a diagonal lattice when fewer than three stripes fit, at
+        coarse scales) is kept out of everything the fit sees — the prior's ridge and the network's loss
         and input (truth zeroed, mask off) — so that :meth:`self_check` on that section has pixels the model never
         trained on.  ``self.holdout_``: ``{'section', 'hr_shape', 'mask'}`` or None (several sections, fewer than
         3 stripes, or the knob ``holdout=False``)."""
@@ -335,10 +336,17 @@ class DiffST:
         if f.hr is None or f.extra.get("mode") != "degrade":
             return train_fields
         folds = stripe_folds(f)
-        if len(folds) < 3:
+        s = int(f.scale)
+        if len(folds) >= 3:
+            hold, how = folds[-1], f"the last of {len(folds)} stripes of LR blocks"
+        else:  # too few LR rows for three stripes (coarse scales): one LR block in four, on a diagonal lattice
+            r, c = np.indices(f.hr_shape)
+            hold, how = ((r // s) + 2 * (c // s)) % 4 == 3, "one LR block in four (diagonal lattice)"
+        hold = hold & np.asarray(f.hr_mask, bool)
+        if hold.sum() < 8 or (np.asarray(f.hr_mask, bool) & ~hold).sum() < 16:  # HR pixels here = spots
             return train_fields
-        hold = folds[-1] & np.asarray(f.hr_mask, bool)
-        self.holdout_ = {"section": str(f.name), "hr_shape": [int(x) for x in f.hr_shape], "mask": hold}
+        self.holdout_ = {"section": str(f.name), "hr_shape": [int(x) for x in f.hr_shape], "mask": hold,
+                         "how": how}
         kept = dataclasses.replace(f, hr=np.where(hold[None], 0, f.hr).astype(np.asarray(f.hr).dtype),
                                    hr_mask=np.asarray(f.hr_mask, bool) & ~hold, extra=dict(f.extra))
         return [kept]
@@ -576,9 +584,9 @@ class DiffST:
 
         return {
             "level": f"{s}×{s} blocks of this section's spots → its {int(mask.sum())} spots"
-                     + (" in the stripe held out of training" if hold is not None
+                     + (" held out of training" if hold is not None
                         else " (seen in training: optimistic)" if in_sample else ""),
-            "held_out": hold is not None, "in_sample": bool(in_sample),
+            "held_out": None if hold is None else self.holdout_.get("how", "held out"), "in_sample": bool(in_sample),
             "pcc": {k: r4(m(v)) for k, v in pcc.items()},
             "detail_pcc": {k: r4(m(v)) for k, v in det.items()},
             "beta": [round(float(b), 4) for b in beta],
@@ -652,6 +660,7 @@ class DiffST:
                 "train_sections": list(getattr(self, "train_sections_", None) or []),
                 "holdout": None if not getattr(self, "holdout_", None) else {
                     "section": self.holdout_["section"], "hr_shape": list(self.holdout_["hr_shape"]),
+                    "how": self.holdout_.get("how", ""),
                     "mask": torch.from_numpy(np.asarray(self.holdout_["mask"], np.uint8).copy())}}
 
     def save(self, path) -> Path:
@@ -702,7 +711,7 @@ class DiffST:
             m.train_sections_ = list(st.get("train_sections") or [])
             h = st.get("holdout")
             m.holdout_ = None if not h else {"section": h["section"], "hr_shape": list(h["hr_shape"]),
-                                             "mask": np.asarray(h["mask"].numpy(), bool)}
+                                             "mask": np.asarray(h["mask"].numpy(), bool), "how": h.get("how", "")}
             pr = st.get("prior")
             if pr and pr.get("kind") == "cell":
                 p = CellRidgePrior(lams=pr.get("lams") or (0.1, 0.3, 1.0, 3.0))
