@@ -144,5 +144,6 @@ def test_cli_sample_report_on_a_real_section(her2st_dir, tmp_path):
     assert trep["spot_pcc"] >= 0.95 and abs(trep["spot_bias"]) <= 0.05 and trep["masked_in_spots"] < 0.05
     # 100 back-projection rounds leave ~1e-3 log1p on real sections, untiled too (C2 2×: 0.0012)
     assert trep["projection"]["max_residual"] <= 1e-2
+    assert trep["self_check"]["beta"] == sc["beta"]  # the same self-check (same seed), its β applied per tile
     tmd = read_maps(tz).metadata["napari_diffst"]
     assert tmd["spot_report"]["spot_pcc"] == trep["spot_pcc"] and tmd["projection"]["bands"] >= 1

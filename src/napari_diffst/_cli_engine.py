@@ -177,6 +177,7 @@ def cmd_sample(args) -> int:
           file=sys.stderr)
     t0 = time.time()
     res = _drain(method.iter_predict(field, sample=sample, steps=steps, n_samples=n_samples, seed=args.seed,
+                                     self_check="auto" if getattr(args, "self_check", True) else False,
                                      sampler=args.sampler), _bar(steps * n_samples, "sample"))
     secs = time.time() - t0
     from .data.grids import display_mask, field_napari_affine
@@ -242,15 +243,24 @@ def _sample_tiled(args, method, sample, genes, scale, gene_scale, plan) -> int:
     print(f"super-resolving {sample.name} ({plan.mode}) {len(genes)} genes at {scale}× (HR {src.hr_um:.4g} µm) "
           f"with {args.steps} steps × {args.n_samples} samples — {plan.describe()}; {what}", file=sys.stderr)
     t0 = time.time()
+    check = None
+    if plan.mode == "native" and getattr(args, "self_check", True):
+        from .method import format_self_check
+
+        print(f"self-check on {sample.name}, one level coarser", file=sys.stderr)
+        check = method.self_check(sample, steps=args.steps, n_samples=args.n_samples, seed=args.seed,
+                                  sampler=args.sampler)
+        print(format_self_check(check, full_warning=True), file=sys.stderr)
     res = _drain(super_resolve_tiled_iter(method, src, tile=plan.tile, overlap=plan.overlap, steps=args.steps,
                                           n_samples=args.n_samples, seed=args.seed, sampler=args.sampler,
                                           batch_tiles=args.batch_tiles, out=args.out,
-                                          report=bool(getattr(args, "report", None))), _bar(1, "tiles"))
+                                          report=bool(getattr(args, "report", None)), self_check=check),
+                 _bar(1, "tiles"))
     if res.projection is not None:
         print(f"projected onto the spots in {res.projection['bands']} bands (max residual "
               f"{res.projection['max_residual']} log1p)", file=sys.stderr)
-    if res.report is not None:
-        _print_report(res.report, sample.name)
+    if res.report is not None:  # (its self-check was printed before sampling)
+        _print_report({k: v for k, v in res.report.items() if k != "self_check"}, sample.name)
     if getattr(args, "report", None):
         _write_report(args.report, sample.name, res.report, plan.mode)
     print(f"wrote {args.out} ({len(genes)} genes + uncertainty, {H}×{W} px at {src.hr_um:.4g} µm, "
@@ -355,6 +365,9 @@ def add_commands(sub) -> None:
     s.add_argument("--report", default=None, metavar="JSON",
                    help="write the true-to-the-spots figures (spot_pcc, spot_bias, alike_maps, alike_spots, lattice, "
                         "masked_in_spots) of the native maps as JSON; they also go into the OME-Zarr metadata")
+    s.add_argument("--no-self-check", dest="self_check", action="store_false",
+                   help="skip the self-check on this section one level coarser (s×s blocks of its spots → its spots), "
+                        "which by default keeps per gene only the share of the histology's detail that helped there")
     s.set_defaults(func=cmd_sample)
 
     e = sub.add_parser("evaluate", help="score super-resolved maps against HR truth")

@@ -513,7 +513,8 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
                              batch_tiles: int = 4, out: str | Path | None = None, ngff_version: str = "0.4",
                              device=None, amp: bool | str = "auto", upsample: str | None = None,
                              with_std: bool = True, should_stop=None, noise: str = "position",
-                             project: bool | str = "auto", report: bool | str = "auto") -> Iterator[dict]:
+                             project: bool | str = "auto", report: bool | str = "auto",
+                             self_check: dict | None = None) -> Iterator[dict]:
     """Generator: super-resolve ``source`` tile by tile. Yields after every reverse step
     ``{'done', 'total', 'tiles_done', 'n_tiles', 'i', 'n_steps', 'bboxes'}`` (cancel by stopping the iteration
     or with ``should_stop()``; an OME-Zarr target is then left untouched), and finally ``{'result': TiledResult}``.
@@ -534,7 +535,9 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
     the store or in memory, before the pyramid is built.  ``report``: the spot report of the result
     (:func:`napari_diffst.spot_consistency.spot_report`, with the raw blend's figures under
     ``'before_projection'``) in ``TiledResult.report`` and the OME-Zarr metadata; it needs the maps whole, so
-    ``'auto'`` = only in memory."""
+    ``'auto'`` = only in memory.  ``self_check``: a :meth:`~napari_diffst.method.DiffST.self_check` result — its
+    per-gene β is applied per tile as untiled (``cubic + β·(map − cubic)``, std × β) and it goes into the report
+    and the metadata."""
     import torch
 
     from .diffusion.samplers import diffusion_for_model, sample_progressive
@@ -546,6 +549,7 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
         if model is None:
             raise RuntimeError(f"{method.name}: call fit() or DiffST.load() before sampling")
     alpha = float(method.alpha_) if method is not None else 1.0
+    beta = None if not (self_check or {}).get("beta") else np.asarray(self_check["beta"], np.float32)[:, None, None]
     G = source.G
     if G != model.config.get("n_genes", G):
         raise DataFormatError(None, f"the model was trained for {model.config['n_genes']} genes, the data has {G}",
@@ -646,6 +650,10 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
                         mu_k = mu_k.astype(np.float32)
                         mu_k = bases[k] + alpha * (mu_k - bases[k])
                         sd_k = sd_k * alpha if with_std else None
+                    if beta is not None:  # the self-check's share of the histology's detail, as untiled
+                        cub = (source.cond_tile(r0, c0, h, w, "cubic")["lr_up"] + 1.0) / 2.0
+                        mu_k = cub + beta * (np.asarray(mu_k, np.float32) - cub)
+                        sd_k = sd_k * beta if with_std else None
                     tile_mu = (mu_k * wgt).astype(np.float32)
                     tile_sd = (sd_k * wgt).astype(np.float32) if with_std else None
                     if writer is not None:  # the OME-Zarr holds expression units, NaN outside tissue
@@ -666,6 +674,11 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
         if report == "auto":
             report = bool(project) and writer is None
         rep = _project_tiled(source, writer, mean_acc, gs, bool(project), bool(report))
+        if self_check:
+            rep = dict(rep or {})
+            rep["self_check"] = self_check
+            if rep.get("spot_report") is not None:
+                rep["spot_report"]["self_check"] = self_check
         if writer is not None and rep is not None:
             # where the untiled `sample` keeps them: read_maps(path).metadata['napari_diffst'][...]
             writer.metadata = dict(writer.metadata or {}, napari_diffst=rep)

@@ -346,10 +346,14 @@ def sample_job(job: Job, checkpoint, sample, *, steps: int = 50, n_samples: int 
         fld.extra["tiled"] = {"tile": plan.tile, "overlap": plan.overlap, "auto": plan.auto}
         yield {"kind": "ready", "field": fld, "info": info, "mode": plan.mode, "device": str(dev),
                "tiling": plan.describe()}
+        check = None
+        if plan.mode == "native":  # as untiled: the self-check first, its β applied per tile
+            yield {"kind": "prepare", "message": f"self-check on {sample.name}, one level coarser"}
+            check = method.self_check(sample, steps=int(steps), n_samples=int(n_samples), seed=int(seed))
         res = None
         for upd in super_resolve_tiled_iter(method, src, tile=plan.tile, overlap=plan.overlap, steps=int(steps),
                                             n_samples=int(n_samples), seed=int(seed), device=dev,
-                                            should_stop=lambda: job.cancelled):
+                                            should_stop=lambda: job.cancelled, self_check=check):
             if job.cancelled:
                 yield {"kind": "cancelled", "message": f"sampling cancelled after {upd.get('done', 0)} steps"}
                 return
