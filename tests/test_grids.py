@@ -370,3 +370,23 @@ def test_visium_fixture_pixel_sizes(fixtures_dir):
     assert lat.kind == "square" and lat.pitch_px * hd.um_per_px == pytest.approx(2.0, rel=0.01)
     with pytest.raises(DataFormatError, match="sparse"):  # 10 bins scattered over a 2400² array
         make_field(hd, hd.genes[:1], scale=2, with_he=False)
+
+
+def test_shown_maps_fill_the_tissue_rim_past_the_lattice_and_nan_outside():
+    """Outputs are NaN outside the shown tissue, never 0; on the rim past the spots' lattice cells a masked
+    prediction (0 there) is replaced by the nearest predicted value."""
+    from napari_diffst.data.grids import shown_maps
+
+    hr = np.zeros((6, 6), bool)
+    hr[1:4, 1:4] = True
+    shown = np.zeros((6, 6), bool)
+    shown[0:5, 0:5] = True
+    maps = np.zeros((2, 6, 6), np.float32)
+    maps[0][hr] = np.arange(9) + 1.0
+    maps[1][hr] = 7.0
+    out = shown_maps(maps, hr, shown)
+    np.testing.assert_array_equal(out[:, hr], maps[:, hr])           # predictions untouched
+    assert np.isnan(out[:, ~shown]).all()                             # NaN outside the tissue
+    rim = shown & ~hr
+    assert (out[:, rim] > 0).all() and (out[1, rim] == 7.0).all()    # no 0 that means "not predicted"
+    assert out[0, 0, 0] == maps[0, 1, 1] and out[0, 4, 4] == maps[0, 3, 3]  # the nearest predicted pixel

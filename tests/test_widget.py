@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import save_screenshot
+from napari_diffst.data.grids import shown_maps
 
 pytestmark = pytest.mark.gui
 
@@ -413,10 +414,12 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
         mf = read_maps(tmp_path / name)
         assert list(mf.genes) == genes
         m = np.asarray(mf.maps)
-        expect = sm.result.mean * fld.gene_scale[:, None, None]
-        assert m.shape == expect.shape
         shown = sr[0].metadata["mask"]
+        # what the dock shows: the maps on the tissue, the rim past the lattice cells from the nearest prediction
+        expect = shown_maps(sm.result.mean * fld.gene_scale[:, None, None], fld.hr_mask, shown)
+        assert m.shape == expect.shape
         assert np.allclose(m[:, shown], expect[:, shown], atol=1e-4)
+        assert np.allclose(m[0][shown], np.asarray(sr[0].data)[shown], atol=1e-4)
         assert mf.um_per_px == pytest.approx(fld.hr_um)
         assert np.isnan(m[:, ~shown]).all()  # NaN outside the tissue, as in the CLI and tiled output
     assert not (tmp_path / ".tmp-0123abcd-maps.ome.zarr").exists() and (tmp_path / ".tmp-mine-maps.ome.zarr").is_file()

@@ -180,7 +180,7 @@ def cmd_sample(args) -> int:
                                      self_check="auto" if getattr(args, "self_check", True) else False,
                                      sampler=args.sampler), _bar(steps * n_samples, "sample"))
     secs = time.time() - t0
-    from .data.grids import display_mask, field_napari_affine
+    from .data.grids import display_mask, field_napari_affine, shown_maps
 
     A = np.asarray(field.extra.get("hr_affine", np.eye(3)), float)
     gs = np.asarray(gene_scale, np.float32)[:, None, None]
@@ -198,8 +198,8 @@ def cmd_sample(args) -> int:
     if getattr(args, "report", None):
         _write_report(args.report, sample.name, res.report, mode)
     shown = ~outside[0]
-    write_maps(args.out, np.where(outside, np.nan, res.mean * gs), genes, field.hr_um, fmt=fmt, mask=shown,
-               extra_channels={"uncertainty": np.where(outside, np.nan, res.std * gs)}, metadata=md,
+    write_maps(args.out, shown_maps(res.mean * gs, field.hr_mask, shown), genes, field.hr_um, fmt=fmt, mask=shown,
+               extra_channels={"uncertainty": shown_maps(res.std * gs, field.hr_mask, shown)}, metadata=md,
                frame=SectionFrame.from_field(field, sample), affine_um=field_napari_affine(field, "hr"))
     print(f"wrote {args.out} as {fmt} ({len(genes)} genes + uncertainty, {field.hr_shape[0]}×{field.hr_shape[1]} px at "
           f"{field.hr_um:.4g} µm) in {secs:.1f} s")

@@ -417,10 +417,12 @@ class CompareSection(Section):
         smp = self.state.sample
         mask = display_mask(smp, fld) if smp is not None and smp.name == fld.name else np.asarray(fld.hr_mask, bool)
         # NaN outside the tissue, as everywhere (0 means "no expression")
-        maps = np.where(mask[None], self.preds[method] * gs, np.nan).astype(np.float32)
+        from ..data.grids import shown_maps
+
+        maps = shown_maps(self.preds[method] * gs, fld.hr_mask, mask)
         extra = {}
         if method == "Diff-ST" and self.result is not None:
-            extra["uncertainty"] = np.where(mask[None], self.result.std * gs, np.nan).astype(np.float32)
+            extra["uncertainty"] = shown_maps(self.result.std * gs, fld.hr_mask, mask)
         A = np.asarray(fld.extra.get("hr_affine", np.eye(3)), float)
         place = {"affine_um": field_napari_affine(fld, "hr")}
         md = {"napari_diffst": {"method": method, "section": fld.name, "scale": fld.scale, "hr_um": fld.hr_um,

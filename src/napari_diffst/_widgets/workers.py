@@ -265,8 +265,8 @@ def result_layer_data(res, sample=None) -> dict:
 
     fld = res.field
     mask = display_mask(sample, fld) if sample is not None else np.asarray(fld.hr_mask, bool)
-    mean = masked_expression(res.mean, fld.gene_scale, mask)
-    std = masked_expression(res.std, fld.gene_scale, mask)
+    mean = masked_expression(res.mean, fld.gene_scale, mask, fld.hr_mask)
+    std = masked_expression(res.std, fld.gene_scale, mask, fld.hr_mask)
     return {"maps": mean, "std_maps": std, "mask": mask, "clims": [contrast_limits(a) for a in mean],
             "std_clims": [contrast_limits(a) for a in std]}
 
@@ -469,10 +469,17 @@ def raster_layer_kwargs(fld, which: str = "hr") -> dict:
             "rotate": np.asarray(rotate, float), "shear": np.asarray(shear, float)}
 
 
-def masked_expression(maps: np.ndarray, gene_scale, mask: np.ndarray | None) -> np.ndarray:
-    """Model units → log1p(CP10k) (× gene_scale), NaN outside ``mask`` (napari draws NaN transparent)."""
+def masked_expression(maps: np.ndarray, gene_scale, mask: np.ndarray | None,
+                      hr_mask: np.ndarray | None = None) -> np.ndarray:
+    """Model units → log1p(CP10k) (× gene_scale), NaN outside ``mask`` (napari draws NaN transparent); with
+    ``hr_mask``, the rim of ``mask`` past it takes the nearest predicted value
+    (:func:`napari_diffst.data.grids.shown_maps`)."""
     a = np.asarray(maps, np.float32) * np.asarray(gene_scale, np.float32).reshape(-1, 1, 1)
     if mask is not None:
+        if hr_mask is not None:
+            from ..data.grids import shown_maps
+
+            return shown_maps(a, hr_mask, mask)
         a = np.where(np.asarray(mask, bool)[None], a, np.nan).astype(np.float32)
     return a
 

@@ -45,7 +45,7 @@ from .lattice import fit_index_lattice
 from .pairs import SRField
 from .sample import Sample, apply_affine
 
-__all__ = [
+__all__ = ["shown_maps", 
     "Lattice",
     "SpotRaster",
     "estimate_lattice",
@@ -779,6 +779,23 @@ def _bin_truth(sample: Sample, genes: Sequence[str], A_hr_img: np.ndarray, shape
 
 #: how far (in lattice pitches) past the in-tissue spots' cells a shown map may reach where the H&E is tissue
 DISPLAY_REACH_PITCH = 0.25
+
+
+def shown_maps(maps: np.ndarray, hr_mask: np.ndarray, shown: np.ndarray) -> np.ndarray:
+    """``maps`` (G, H, W) as written and shown: NaN outside ``shown`` (the :func:`display_mask`), and on the rim
+    of ``shown`` beyond ``hr_mask`` (tissue just past the in-tissue spots' lattice cells, where a masked
+    prediction holds 0) the value of the nearest ``hr_mask`` pixel, so no map carries a 0 that means "not
+    predicted" (0 means "no expression").  float32."""
+    from scipy import ndimage as ndi
+
+    a = np.asarray(maps, np.float32)
+    hm, sh = np.asarray(hr_mask, bool), np.asarray(shown, bool)
+    rim = sh & ~hm
+    if rim.any() and hm.any():
+        _, (ri, ci) = ndi.distance_transform_edt(~hm, return_indices=True)
+        a = a.copy()
+        a[:, rim] = a[:, ri[rim], ci[rim]]
+    return np.where(sh[None], a, np.nan).astype(np.float32)
 
 
 def display_mask(sample: Sample, grid, *, thumb_px: int | None = None) -> np.ndarray:
