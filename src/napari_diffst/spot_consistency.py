@@ -165,10 +165,6 @@ def project_to_spots(expr: np.ndarray, field, mask: np.ndarray | None = None, n_
     return out, {"iterations": int(it), "max_residual": round(res, 6)}
 
 
-#: field.extra keys that carry the spot geometry (:func:`spot_disks`)
-SPOT_KEYS = ("spot_hr_cr", "spot_radius_hr", "spot_log1p", "mode")
-
-
 def window_spots(field, r0: int, r1: int, mask: np.ndarray | None = None):
     """The rows ``r0:r1`` of ``field``'s HR grid as a light field for :func:`project_to_spots` /
     :func:`spot_disks`: the spots whose centres fall inside, their (col, row) shifted to the window, the window's

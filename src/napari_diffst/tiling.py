@@ -24,8 +24,9 @@ memory depends on the tile size and batch, not on the slide size (measured in do
 Method: pass a :class:`~napari_diffst.method.DiffST` (``DiffST.load(checkpoint)``) as ``model`` and each tile
 runs the whole method, as the untiled ``DiffST.iter_predict``: the cell-level prior of the tile (features from
 the image for the tile plus a context margin, :meth:`~napari_diffst.method.DiffST.prepare_tile`) as its
-condition / residual base, then the shrink ``base + α·(mean − base)``; the tiles are blended as above.  The
-native projection onto the spots is not done on tiled output.
+condition / residual base, then the shrink ``base + α·(mean − base)`` and the self-check's β; the tiles are
+blended as above, and native output is then projected onto the spots band by band
+(:func:`~napari_diffst.spot_consistency.project_bands`).
 """
 from __future__ import annotations
 
@@ -40,8 +41,10 @@ import numpy as np
 from .data.pairs import GeneGrid, SRField
 from .errors import CancelledError, DataFormatError
 
+#: field.extra keys a window field keeps (placement helpers)
+PLACEMENT_KEYS = ("pitch_um", "lr_um", "he_um_per_px", "mode")
 #: field.extra keys a tile source keeps: placement helpers and the spot geometry (projection, spot report)
-SOURCE_KEYS = ("pitch_um", "lr_um", "he_um_per_px", "mode", "spot_hr_cr", "spot_radius_hr", "spot_log1p")
+SOURCE_KEYS = PLACEMENT_KEYS + ("spot_hr_cr", "spot_radius_hr", "spot_log1p")
 
 __all__ = ["TilePlan", "plan_tiles", "axis_windows", "seam_ratio", "PositionNoise", "FieldSource", "SlideSource",
            "TiledResult", "super_resolve_tiled_iter", "super_resolve_tiled", "SamplingPlan", "plan_sampling",
@@ -278,8 +281,7 @@ class TileSource(GeneGrid):
         a0, b0 = max(r0 // s - c, 0), max(c0 // s - c, 0)
         a1, b1 = min(-(-(r0 + h) // s) + c, hL), min(-(-(c0 + w) // s) + c, wL)
         A = np.asarray(self.hr_affine, float) @ np.array([[1, 0, b0 * s], [0, 1, a0 * s], [0, 0, 1]], float)
-        extra = {k: v for k, v in (getattr(self, "extra", None) or {}).items()
-                 if k in ("pitch_um", "lr_um", "he_um_per_px", "mode")}
+        extra = {k: v for k, v in (getattr(self, "extra", None) or {}).items() if k in PLACEMENT_KEYS}
         extra["hr_affine"] = A
         F = self._cell_features()
         if F is not None:
@@ -651,7 +653,8 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
                         mu_k = bases[k] + alpha * (mu_k - bases[k])
                         sd_k = sd_k * alpha if with_std else None
                     if beta is not None:  # the self-check's share of the histology's detail, as untiled
-                        cub = (source.cond_tile(r0, c0, h, w, "cubic")["lr_up"] + 1.0) / 2.0
+                        cub = _upsample_crop(source.lr, source.lr_mask, source.scale, r0, c0, h, w,
+                                             "cubic").astype(np.float32)
                         mu_k = cub + beta * (np.asarray(mu_k, np.float32) - cub)
                         sd_k = sd_k * beta if with_std else None
                     tile_mu = (mu_k * wgt).astype(np.float32)
