@@ -23,6 +23,7 @@ import argparse
 import json
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -71,17 +72,29 @@ def main(argv=None) -> int:
                 for _ in tr.iter_train():
                     pass
                 net = tr.ema
-            try:
+            from napari_diffst.tiling import plan_sampling, super_resolve_tiled
+
+            # as `napari-diffst sample` does: untiled when the section's rasters fit the memory budget, else tiled
+            # (e.g. 8×: the network's H&E pixels per HR pixel at 25 µm make a 4096 × 5120 px raster)
+            plan = plan_sampling(smp, genes, s, gene_scale=gs, mode="native", he_per_hr=net.config["he_per_hr"],
+                                 n_samples=a.n_samples)
+            if plan.tiled and a.method == "diffst":
+                check = m.self_check(smp)
+                tres = super_resolve_tiled(m, plan.source(), tile=plan.tile, overlap=plan.overlap,
+                                           steps=m.knobs_["sample_steps"], n_samples=m.knobs_["n_samples"],
+                                           seed=a.seed, device="cpu", report=True, self_check=check)
+                res = SimpleNamespace(report=dict(tres.report, tiled=plan.describe()))
+            elif plan.tiled:
+                rows.setdefault(name, {})[str(s)] = {"error": f"needs tiled sampling ({plan.describe()})"}
+                print(f"{name:<8}{s:>6}  needs tiled sampling: use --method diffst", flush=True)
+                continue
+            else:
                 nat = P.make_fields([smp], genes, s, mode="native", gene_scale=gs,
                                     he_per_hr=net.config["he_per_hr"])[0][0]
-            except ValueError as exc:  # e.g. 8×: the training geometry's H&E sampling is too fine natively
-                rows.setdefault(name, {})[str(s)] = {"error": str(exc)}
-                print(f"{name:<8}{s:>6}  failed: {exc}", flush=True)
-                continue
-            if a.method == "diffst":
-                res = m.predict(nat, sample=smp)
-            else:
-                res = P.super_resolve(net, nat, steps=a.sample_steps, n_samples=a.n_samples, seed=a.seed)
+                if a.method == "diffst":
+                    res = m.predict(nat, sample=smp)
+                else:
+                    res = P.super_resolve(net, nat, steps=a.sample_steps, n_samples=a.n_samples, seed=a.seed)
             rep = dict(res.report, trained_steps=int(tr.step), genes=list(genes),
                        seconds=round(time.perf_counter() - t0, 1), **extra)
             rows.setdefault(name, {})[str(s)] = rep

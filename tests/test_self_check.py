@@ -1,5 +1,6 @@
 """Never worse than the spots (issue 14): the self-check on the section's own spots one level coarser, the
-per-gene share β of the histology-driven detail it keeps, the fallback to the spots' cubic upsampling, and the
+per-gene share β of the histology-driven detail it keeps, the fallback to the spots' cubic upsampling or block
+copy (whichever was better there), and the
 report that carries it (CLI, OME-Zarr metadata, dock line)."""
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 from napari_diffst import pipeline as P
+from napari_diffst.data.grids import display_mask
 from napari_diffst.data.synthetic import make_synthetic
 from napari_diffst.data.upsample import cubic_upsample
 from napari_diffst.method import DiffST, format_self_check
@@ -58,7 +60,7 @@ def test_detail_that_matches_the_spots_is_kept_whole(fitted, monkeypatch):
     assert "2×2 blocks" in sc["level"] and "Self-check" in format_self_check(sc)
 
 
-def test_detail_unrelated_to_the_spots_falls_back_to_the_cubic_with_a_warning(fitted, monkeypatch):
+def test_detail_unrelated_to_the_spots_falls_back_to_the_spots_upsampling_with_a_warning(fitted, monkeypatch):
     m, smp = fitted
     rng = np.random.default_rng(0)
 
@@ -69,7 +71,12 @@ def test_detail_unrelated_to_the_spots_falls_back_to_the_cubic_with_a_warning(fi
     _fake_check_level(monkeypatch, wrong)
     sc = m.self_check(smp)
     assert sc["beta"] == [0.0] * len(m.genes_) and sc["fallback"] == list(m.genes_)
-    assert sc["pcc"]["method"] < sc["pcc"]["cubic"] and sc["pcc"]["kept"] == pytest.approx(sc["pcc"]["cubic"])
+    assert set(sc["base"]) <= {"cubic", "block"}
+    assert sc["pcc"]["method"] < sc["pcc"]["cubic"]
+    # per gene, the fallback is the better of the spots' cubic upsampling and block copy on the check
+    pg = sc["per_gene"]
+    for c, n, k, b in zip(pg["pcc_cubic"], pg["pcc_nearest"], pg["pcc_kept"], sc["base"]):
+        assert k == pytest.approx(max(c, n), abs=1e-4) and b == ("block" if n > c else "cubic")
     assert sc["warning"] and "does not help" in sc["warning"]
     assert "WARNING" in format_self_check(sc)
     # natively every gene is then the spots' cubic upsampling, made true to the spots: never worse than the spots
@@ -77,7 +84,9 @@ def test_detail_unrelated_to_the_spots_falls_back_to_the_cubic_with_a_warning(fi
     res = m.predict(nat, sample=smp)
     assert res.report["self_check"]["fallback"] == list(m.genes_)
     gs = np.asarray(nat.gene_scale, np.float32)[:, None, None]
-    ref, _ = P.project_result((_cubic(nat) * nat.hr_mask[None]).astype(np.float32), nat)
+    block = np.array([b == "block" for b in res.report["self_check"]["base"]])
+    fb = np.where(block[:, None, None], nat.lr_upsampled(0), _cubic(nat))
+    ref, _ = P.project_result((fb * nat.hr_mask[None]).astype(np.float32), nat, shown=display_mask(smp, nat))
     np.testing.assert_allclose(res.mean, ref, atol=1e-5)
     assert not np.allclose(res.mean * gs, m.predict(nat, sample=smp, self_check=False).mean * gs, atol=1e-3)
     assert float(np.abs(res.std).max()) == 0.0  # no detail kept, no spread from it

@@ -26,10 +26,11 @@ The method (docs/model.md, "The method object"):
    the validation field (α = 1 without a validation field with HR targets).
 4. **Self-check** (native fields, issue 14): the section's own spots, one level coarser — s×s blocks of its spots
    as the input, the spots as the truth (:meth:`DiffST.self_check`) — are predicted by the method and by the cubic
-   and block-copy upsampling and scored against the spots, with no truth from anywhere else.  Per gene, the share
-   β ∈ [0, 1] of the histology-driven detail (method − cubic) that helps there (least squares, down to none) is
-   kept at native resolution: ``cubic + β·(method − cubic)``; genes with β = 0 fall back to the cubic LR↑ of the
-   spots, and the report warns when the histology does not help on the section.
+   and block-copy upsampling and scored against the spots, with no truth from anywhere else.  Per gene, the
+   fallback ``F`` is the better of those two upsamplings there (``base``: 'cubic' | 'block'), and the share
+   β ∈ [0, 1] of the histology-driven detail (method − F) that helps there (least squares, down to none) is kept
+   at native resolution: ``F + β·(method − F)``; genes with β = 0 fall back to that upsampling of the spots, and
+   the report warns when the histology does not help on the section.
 5. **Predict**: the mean of ``n_samples`` reverse-diffusion samples (``sample_steps`` respaced steps), the shrink
    applied, the self-check's β applied (native), masked; on native fields projected onto the spots
    (:func:`napari_diffst.pipeline.project_result`) with the true-to-the-spots report and the self-check.
@@ -160,6 +161,9 @@ class DiffST:
         self.geometry_ = None
         self.trained_steps_ = 0
         self.cell_um_per_px = CELL_UM_PER_PX
+        #: (spot disk diameter, cell square side) µm of the cell-level feature windows, fixed by the training
+        #: geometry at fit (None: the HR pixel's own windows, checkpoints before issue 13's scale consistency)
+        self.cell_windows_um = None
         self.prior_folds_ = None
         self.holdout_ = None  # the stripe of a single training section kept out of the fit (_hold_out)
         self.train_sections_ = []
@@ -210,7 +214,9 @@ class DiffST:
 
     def _ensure_cells(self, field, sample=None):
         """Cell-level features on ``field`` (computed from ``sample`` when absent); the field, modified in place."""
-        if field.extra.get("cell_features") is not None:
+        want = None if self.cell_windows_um is None else [float(w) for w in self.cell_windows_um]
+        if field.extra.get("cell_features") is not None and (field.extra.get("cell_windows_um") == want
+                                                             or sample is None):
             return field
         if sample is None:
             raise DataFormatError(None, f"field {field.name!r}: Diff-ST's cell-level prior needs the section's H&E "
@@ -218,7 +224,18 @@ class DiffST:
                                   "train_samples=)")
         from .data.cellfeatures import add_cell_features
 
-        return add_cell_features(field, sample, um_per_px=self.cell_um_per_px)
+        return add_cell_features(field, sample, um_per_px=self.cell_um_per_px, windows_um=self.cell_windows_um)
+
+    @staticmethod
+    def feature_windows(field, sample=None) -> tuple[float, float]:
+        """The fixed physical windows (µm) of the cell-level features for a method trained on ``field``: a disk of
+        the spot's diameter (at most the HR pixel) and a square of the HR pixel, both of the *training* geometry.
+        Prediction on a finer grid (native: HR pixel = pitch/s) keeps these windows, centred on each of its HR
+        pixels, so the prior reads features with the statistics it was fitted on (issue 13, scale consistency;
+        ``tests/test_scale_consistency.py``)."""
+        hr = float(field.hr_um)
+        spot = float(getattr(sample, "spot_diameter_um", 0) or 0) if sample is not None else 0.0
+        return (min(spot, hr) if spot > 0 else hr, hr)
 
     @staticmethod
     def _with_prior(field, prior: np.ndarray):
@@ -295,6 +312,7 @@ class DiffST:
         self.prior_ = None
         if prior == "cell":
             smps = list(train_samples) if train_samples is not None else [None] * len(train_fields)
+            self.cell_windows_um = self.feature_windows(train_fields[0], smps[0])
             for f, s in zip(train_fields, smps):
                 self._ensure_cells(f, s)
             if val_field is not None and kn.get("shrink"):
@@ -508,13 +526,21 @@ class DiffST:
             from .data.upsample import cubic_upsample
 
             b = np.asarray(beta, np.float32)[:, None, None]
-            cub = cubic_upsample(field.lr, int(field.scale), field.lr_mask, order=3).astype(np.float32)
-            pred = cub + b * (pred - cub)
+            fb = cubic_upsample(field.lr, int(field.scale), field.lr_mask, order=3).astype(np.float32)
+            block = np.asarray([k == "block" for k in (check.get("base") or [])], bool)
+            if block.any():  # genes whose fallback is the block copy of the spots (self_check's 'base')
+                fb[block] = np.asarray(field.lr_upsampled(0), np.float32)[block]
+            pred = fb + b * (pred - fb)
             std = std * b
         pred = pred * mask
         report = None
         if project is True or (project == "auto" and native):
-            pred, report = P.project_result(pred, field)
+            shown = None
+            if sample is not None and getattr(sample, "image", None) is not None:
+                from .data.grids import display_mask
+
+                shown = display_mask(sample, field)  # the tissue at HR resolution: NaN outside it in every output
+            pred, report = P.project_result(pred, field, shown=shown)
         if check is not None:
             report = dict(report or {}, self_check=check)
         yield {"result": P.SRResult(pred, (std * mask).astype(np.float32), list(field.genes), field.hr_um, field,
@@ -558,14 +584,19 @@ class DiffST:
         truth = np.asarray(chk.hr, np.float64)
         cub = cubic_upsample(chk.lr, s, chk.lr_mask, order=3).astype(np.float64)
         near = np.asarray(chk.lr_upsampled(0), np.float64)
-        d, r = (pred - cub)[:, mask], (truth - cub)[:, mask]
+        p_cub, p_near = pcc_per_gene(cub, truth, mask), pcc_per_gene(near, truth, mask)
+        # per gene, the fallback is the better of the spots' two upsamplings there (a constant block copy, e.g. a
+        # single held-out block, has no PCC: cubic)
+        use_block = np.nan_to_num(p_near, nan=-np.inf) > np.nan_to_num(p_cub, nan=-np.inf)
+        fb = np.where(use_block[:, None, None], near, cub)
+        d, r = (pred - fb)[:, mask], (truth - fb)[:, mask]
         dd = (d * d).sum(axis=1)
         beta = np.clip(np.divide((d * r).sum(axis=1), dd, out=np.zeros_like(dd), where=dd > 0), 0.0, 1.0)
-        kept = cub + beta[:, None, None] * (pred - cub)
+        kept = fb + beta[:, None, None] * (pred - fb)
         maps = {"method": pred, "cubic": cub, "nearest": near, "kept": kept}
         pcc = {k: pcc_per_gene(v, truth, mask) for k, v in maps.items()}
         det = {k: detail_pcc_per_gene(v, truth, near, mask) for k, v in maps.items()}
-        gain = pcc["method"] - np.maximum(pcc["cubic"], pcc["nearest"])
+        gain = pcc["method"] - np.fmax(pcc["cubic"], pcc["nearest"])  # fmax: a NaN baseline does not count
         genes = list(chk.genes)
         fallback = [g for g, b in zip(genes, beta) if b == 0.0]
         helps = np.nan_to_num(gain, nan=0.0) > self.SELF_CHECK_MARGIN
@@ -576,7 +607,7 @@ class DiffST:
                        f"{m(pcc['method']):.3f} vs cubic {m(pcc['cubic']):.3f} / block copy {m(pcc['nearest']):.3f} "
                        f"(better for {int(helps.sum())} of {len(genes)} genes); the maps keep {beta.min():.2f}–"
                        f"{beta.max():.2f} of the histology's detail per gene ({len(fallback)} of {len(genes)} on "
-                       f"the spots' cubic upsampling alone; PCC there {m(pcc['kept']):.3f})")
+                       f"the spots' upsampling alone; PCC there {m(pcc['kept']):.3f})")
 
         def r4(v):
             v = float(v)
@@ -590,6 +621,7 @@ class DiffST:
             "pcc": {k: r4(m(v)) for k, v in pcc.items()},
             "detail_pcc": {k: r4(m(v)) for k, v in det.items()},
             "beta": [round(float(b), 4) for b in beta],
+            "base": ["block" if b else "cubic" for b in use_block],
             "fallback": fallback, "warning": warning,
             "per_gene": {"gene": genes, **{f"pcc_{k}": [r4(x) for x in v] for k, v in pcc.items()},
                          "detail_pcc_method": [r4(x) for x in det["method"]]},
@@ -657,6 +689,7 @@ class DiffST:
                 "alpha": float(self.alpha_), "prior": pr, "geometry": dict(self.geometry_ or {}),
                 "trained_steps": int(self.trainer.step) if self.trainer is not None else int(self.trained_steps_),
                 "cell_um_per_px": float(self.cell_um_per_px),
+                "cell_windows_um": None if self.cell_windows_um is None else [float(w) for w in self.cell_windows_um],
                 "train_sections": list(getattr(self, "train_sections_", None) or []),
                 "holdout": None if not getattr(self, "holdout_", None) else {
                     "section": self.holdout_["section"], "hr_shape": list(self.holdout_["hr_shape"]),
@@ -706,6 +739,8 @@ class DiffST:
             m.knobs_ = dict(st.get("knobs") or m.resolved_knobs())
             m.alpha_ = float(st.get("alpha", 1.0))
             m.cell_um_per_px = float(st.get("cell_um_per_px", CELL_UM_PER_PX))
+            w = st.get("cell_windows_um")
+            m.cell_windows_um = None if not w else tuple(float(v) for v in w)
             m.geometry_ = dict(st.get("geometry") or {})
             m.trained_steps_ = int(st.get("trained_steps", meta.get("step", 0)))
             m.train_sections_ = list(st.get("train_sections") or [])

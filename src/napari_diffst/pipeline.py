@@ -303,16 +303,23 @@ def super_resolve_iter(model, field: SRField, *, steps: int = 50, n_samples: int
     yield {"result": res}
 
 
-def project_result(mean: np.ndarray, field: SRField) -> tuple[np.ndarray, dict]:
+def project_result(mean: np.ndarray, field: SRField, shown: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """``mean`` (G, H, W, model units) projected onto ``field``'s spots, and the spot report of the result (with
-    the raw mean's figures under ``'before_projection'`` and the projection's ``iterations``/``max_residual``)."""
+    the raw mean's figures under ``'before_projection'`` and the projection's ``iterations``/``max_residual``).
+    ``shown`` (H, W) bool: the tissue mask at HR resolution the maps are written and shown on
+    (:func:`napari_diffst.data.grids.display_mask`); pixels of the spots' disks outside it are NaN in every output,
+    so the projection and the report count only the pixels inside it (``masked_in_spots`` is the disk area it
+    leaves out).  None: the field's ``hr_mask``."""
     from .spot_consistency import project_to_spots, spot_disks, spot_report
 
     gs = np.asarray(field.gene_scale, np.float32)[:, None, None]
     disks = spot_disks(field)
-    before = spot_report(mean * gs, field, disks=disks)
-    expr, info = project_to_spots(mean * gs, field, disks=disks)
-    report = spot_report(expr, field, disks=disks)
+    mask = np.asarray(field.hr_mask, bool)
+    if shown is not None:
+        mask = mask & np.asarray(shown, bool)
+    before = spot_report(mean * gs, field, mask=mask, disks=disks)
+    expr, info = project_to_spots(mean * gs, field, mask=mask, disks=disks)
+    report = spot_report(expr, field, mask=mask, disks=disks)
     report["projection"] = info
     report["before_projection"] = {k: before[k] for k in before if k != "per_gene"}
     return (expr / gs * field.hr_mask[None]).astype(np.float32), report

@@ -552,6 +552,7 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
             raise RuntimeError(f"{method.name}: call fit() or DiffST.load() before sampling")
     alpha = float(method.alpha_) if method is not None else 1.0
     beta = None if not (self_check or {}).get("beta") else np.asarray(self_check["beta"], np.float32)[:, None, None]
+    block = np.asarray([k == "block" for k in ((self_check or {}).get("base") or [])], bool)
     G = source.G
     if G != model.config.get("n_genes", G):
         raise DataFormatError(None, f"the model was trained for {model.config['n_genes']} genes, the data has {G}",
@@ -653,9 +654,12 @@ def super_resolve_tiled_iter(model, source: TileSource, *, tile: int = 64, overl
                         mu_k = bases[k] + alpha * (mu_k - bases[k])
                         sd_k = sd_k * alpha if with_std else None
                     if beta is not None:  # the self-check's share of the histology's detail, as untiled
-                        cub = _upsample_crop(source.lr, source.lr_mask, source.scale, r0, c0, h, w,
-                                             "cubic").astype(np.float32)
-                        mu_k = cub + beta * (np.asarray(mu_k, np.float32) - cub)
+                        fb = _upsample_crop(source.lr, source.lr_mask, source.scale, r0, c0, h, w,
+                                            "cubic").astype(np.float32)
+                        if block.any():  # genes falling back on the spots' block copy
+                            fb[block] = _upsample_crop(source.lr, source.lr_mask, source.scale, r0, c0, h, w,
+                                                       "nearest").astype(np.float32)[block]
+                        mu_k = fb + beta * (np.asarray(mu_k, np.float32) - fb)
                         sd_k = sd_k * beta if with_std else None
                     tile_mu = (mu_k * wgt).astype(np.float32)
                     tile_sd = (sd_k * wgt).astype(np.float32) if with_std else None
@@ -715,7 +719,10 @@ def _project_tiled(source, writer, mean_acc, gs, project: bool, report: bool) ->
 
         def write(r0, t):
             writer.write_tile(r0, 0, t, channels=slice(0, G))
-    else:  # model units, 0 outside the HR mask
+    else:  # model units, 0 outside the HR mask; the report and projection count only the tissue (shown) pixels
+        om = getattr(source, "output_mask", None)
+        hm = hm & np.asarray(om(), bool) if callable(om) else hm
+
         def read(r0, r1):
             return np.where(hm[None, r0:r1], mean_acc[:, r0:r1] * gs, np.nan)
 

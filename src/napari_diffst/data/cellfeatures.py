@@ -11,7 +11,7 @@ margin for the filters) through :func:`~napari_diffst.data.grids.sample_image`.
 Pretrained pathology encoders cannot be downloaded here and a few hundred training spots cannot train
 a high-resolution CNN from scratch, so the cell level is *handcrafted*: stain densities (H, E, DAB by
 colour deconvolution), a nucleus mask (smoothed haematoxylin above a threshold) and nucleus blobs
-(local maxima of the Laplacian of Gaussian at the nucleus scale), nucleus size and stain, stroma
+(local maxima of the Laplacian of Gaussian at the nucleus scale), nucleus size (capped at 400 µm²) and stain, stroma
 eosin, white space (fat, lumen), edge and band-pass texture energies at 1–8 px scales, and RGB.
 Each map is averaged twice per HR pixel: over the *spot* disk centred on it (diameter ``min(spot
 diameter, HR pixel)``, where the expression was measured) and over the whole HR *cell*.
@@ -111,7 +111,10 @@ def _pixel_maps(rgb: np.ndarray, px_um: float) -> dict:
     blob = (log == ndi.maximum_filter(log, max(3, int(round(7 * u)) | 1))) & (log > BLOB_LOG) & (Hs > BLOB_OD)
     nuc = Hs > NUC_OD
     lab, _ = ndi.label(nuc)
-    areas = np.bincount(lab.ravel()).astype(np.float32) * (px_um / 1.25) ** 2
+    # nucleus-component area in 1.25 µm px, capped like the fluorescence maps' (a merged mass of nuclei is "large"
+    # whatever its size, so a component cut by a strip's edge reads the same as whole)
+    areas = np.minimum(np.bincount(lab.ravel()).astype(np.float32) * (px_um / 1.25) ** 2,
+                       MAX_NUC_AREA_UM2 / 1.25 ** 2)
     areas[0] = 0.0
     blur = {s: ndi.gaussian_filter(grey, s * u) for s in (1, 2, 4, 8, 16)}  # each scale once
     dog = {s: np.abs(blur[s] - blur[2 * s]) for s in (1, 2, 4, 8)}
@@ -125,7 +128,8 @@ def _pixel_maps(rgb: np.ndarray, px_um: float) -> dict:
 
 def cell_feature_maps(sample, A_hr: np.ndarray, hr_shape: tuple[int, int], hr_um: float, *,
                       um_per_px: float = 1.25, spot_um: float | None = None, max_px_per_hr: int = 256,
-                      strip_px: int = 2_000_000, progress=None, modality: str | None = None) -> np.ndarray:
+                      strip_px: int = 2_000_000, progress=None, modality: str | None = None,
+                      windows_um: tuple[float, float] | None = None) -> np.ndarray:
     """Cell-level features (F, H, W) float32 (:func:`cell_feature_names` of the modality) on an HR grid.
 
     ``A_hr`` maps (col, row, 1) of the HR grid to the sample's *spot frame* (as in
@@ -136,7 +140,16 @@ def cell_feature_maps(sample, A_hr: np.ndarray, hr_shape: tuple[int, int], hr_um
     (whole HR rows; bounds the memory).  ``progress(rows_done, rows)`` after each strip.  ``modality``:
     'brightfield' (H&E maps) or 'fluorescence' (DAPI/PolyT maps); None: the image's own
     (:func:`~napari_diffst.data.fluorescence.image_modality`).  A sample without an image gives zeros.
+
+    ``windows_um`` = (spot disk diameter, cell square side) in µm: windows of a **fixed physical size** centred on
+    each HR pixel, whatever the HR pixel size (:func:`_windowed_feature_maps`), so a grid finer than the one the
+    features were fitted on (native prediction after training on the section's own spots) sees features with the
+    same statistics (issue 13, scale consistency).  None: the windows are the HR pixel itself (and its disk).
     """
+    if windows_um is not None:
+        return _windowed_feature_maps(sample, A_hr, hr_shape, hr_um, um_per_px=um_per_px, windows_um=windows_um,
+                                      max_px_per_hr=max_px_per_hr, strip_px=strip_px, progress=progress,
+                                      modality=modality)
     from .fluorescence import image_modality, nuclear_threshold
     from .grids import sample_image
 
@@ -180,35 +193,125 @@ def cell_feature_maps(sample, A_hr: np.ndarray, hr_shape: tuple[int, int], hr_um
                 a = maps[k][margin:margin + h * m]
                 out[base + j, r0:r1] = np.einsum("imjn,mn->ij", a.reshape(h, m, W, m), w, optimize=True)
             f = {k: out[base + j, r0:r1] for j, k in enumerate(maps_names)}
-            nuc = np.maximum(f["nuc"], 1e-3)
-            if fluor:
-                out[base + n_map + 0, r0:r1] = np.sqrt(np.maximum(f["dapi2"] - f["dapi"] ** 2, 0))
-                out[base + n_map + 1, r0:r1] = np.sqrt(np.maximum(f["poly2"] - f["poly"] ** 2, 0))
-                # mean nucleus area / DAPI inside nuclei: 0 where the window holds (almost) no nucleus
-                has = f["nuc"] > 1e-2
-                out[base + n_map + 2, r0:r1] = np.where(has, f["nuc_area"] / nuc, 0.0)
-                out[base + n_map + 3, r0:r1] = np.where(has, f["dapi_nuc"] / nuc, 0.0)
-                continue
-            out[base + n_map + 0, r0:r1] = np.sqrt(np.maximum(f["H2"] - f["H"] ** 2, 0))
-            out[base + n_map + 1, r0:r1] = np.sqrt(np.maximum(f["E2"] - f["E"] ** 2, 0))
-            out[base + n_map + 2, r0:r1] = f["nuc_area"] / nuc
-            out[base + n_map + 3, r0:r1] = f["H_nuc"] / nuc
+            _derive(out, base, n_map, f, fluor, (slice(r0, r1),))
+        if progress is not None:
+            progress(r1, H)
+    return out
+
+
+def _derive(out: np.ndarray, base: int, n_map: int, f: dict, fluor: bool, sl) -> None:
+    """The derived features of one window (std from the mean of squares, per-nucleus ratios) into
+    ``out[base + n_map + i][sl]`` from the window means ``f``."""
+    nuc = np.maximum(f["nuc"], 1e-3)
+    if fluor:
+        out[(base + n_map + 0,) + sl] = np.sqrt(np.maximum(f["dapi2"] - f["dapi"] ** 2, 0))
+        out[(base + n_map + 1,) + sl] = np.sqrt(np.maximum(f["poly2"] - f["poly"] ** 2, 0))
+        has = f["nuc"] > 1e-2  # mean nucleus area / DAPI inside nuclei: 0 where the window holds no nucleus
+        out[(base + n_map + 2,) + sl] = np.where(has, f["nuc_area"] / nuc, 0.0)
+        out[(base + n_map + 3,) + sl] = np.where(has, f["dapi_nuc"] / nuc, 0.0)
+        return
+    out[(base + n_map + 0,) + sl] = np.sqrt(np.maximum(f["H2"] - f["H"] ** 2, 0))
+    out[(base + n_map + 1,) + sl] = np.sqrt(np.maximum(f["E2"] - f["E"] ** 2, 0))
+    has = f["nuc"] > 1e-2  # as above: 0 where the window holds (almost) no nucleus
+    out[(base + n_map + 2,) + sl] = np.where(has, f["nuc_area"] / nuc, 0.0)
+    out[(base + n_map + 3,) + sl] = np.where(has, f["H_nuc"] / nuc, 0.0)
+
+
+#: µm per pixel of the working grid the fixed-size windows are averaged on (the per-pixel maps are block-averaged
+#: to it first: a 100 µm disk is then ~300 taps, and the windows' edges are placed to ±2.5 µm)
+WINDOW_GRID_UM = 5.0
+
+
+def _windowed_feature_maps(sample, A_hr, hr_shape, hr_um, *, um_per_px, windows_um, max_px_per_hr, strip_px,
+                           progress, modality) -> np.ndarray:
+    """:func:`cell_feature_maps` with windows of a fixed physical size: the per-pixel maps of strips of the image
+    (at ``m = round(hr_um / um_per_px)`` px per HR pixel, as the HR-pixel windows), block-averaged to a working
+    grid of ≈ :data:`WINDOW_GRID_UM` µm/px, averaged over a disk of ``windows_um[0]`` µm and a square of
+    ``windows_um[1]`` µm (FFT convolution), and read at each HR pixel's centre (bilinear).  The strips carry a
+    margin of half the widest window plus the filters' reach on every side, so a pixel's features do not depend on
+    the strip or tile it was computed in."""
+    from scipy.signal import fftconvolve
+
+    from .fluorescence import image_modality, nuclear_threshold
+    from .grids import sample_image
+
+    H, W = int(hr_shape[0]), int(hr_shape[1])
+    img = getattr(sample, "image", None)
+    modality = modality or image_modality(img)
+    maps_names, derived = _modality_maps(modality)
+    names = cell_feature_names(modality)
+    out = np.zeros((len(names), H, W), np.float32)
+    if img is None or H == 0 or W == 0:
+        return out
+    fluor = modality == "fluorescence"
+    if fluor:
+        thr = nuclear_threshold(img)
+        second = len(getattr(img, "channel_names", None) or []) > 1
+    m = int(np.clip(round(float(hr_um) / float(um_per_px)), 4, int(max_px_per_hr)))
+    px_um = float(hr_um) / m
+    b = max(d for d in range(1, m + 1) if m % d == 0 and (d == 1 or d * px_um <= WINDOW_GRID_UM + 1e-9))
+    q = b * px_um  # working-grid µm/px
+    d_spot, c_cell = (float(w) for w in windows_um)
+    ry, rx = np.mgrid[-int(d_spot / q / 2) - 1:int(d_spot / q / 2) + 2, -int(d_spot / q / 2) - 1:int(d_spot / q / 2) + 2]
+    disk = (np.hypot(ry, rx) * q <= d_spot / 2 + 1e-9).astype(np.float64)
+    if disk.sum() == 0:
+        disk[disk.shape[0] // 2, disk.shape[1] // 2] = 1.0
+    ns = max(1, int(round(c_cell / q)))
+    kernels = {"spot": disk / disk.sum(), "cell": np.full((ns, ns), 1.0 / (ns * ns))}
+    reach = max(d_spot, c_cell) / 2 + q
+    mb = int(math.ceil((64 * 1.25 + reach) / px_um / b))  # margin in working-grid px (filters + half a window)
+    M = mb * b  # ... in image px
+    A = np.asarray(A_hr, float) @ np.array([[1 / m, 0, 0.5 / m - 0.5], [0, 1 / m, 0.5 / m - 0.5], [0, 0, 1]])
+    wf = W * m + 2 * M
+    rows_per_strip = max(int(math.ceil(2 * M / m)), int(strip_px) // max(wf * m, 1), 1)
+    n_map = len(maps_names)
+    n_per = n_map + len(derived)
+    for r0 in range(0, H, rows_per_strip):
+        r1 = min(H, r0 + rows_per_strip)
+        h = r1 - r0
+        Ar = A @ np.array([[1, 0, -M], [0, 1, r0 * m - M], [0, 0, 1]], float)
+        strip = np.clip(sample_image(sample, Ar, (h * m + 2 * M, wf)), 0, 1)
+        if fluor:
+            maps = _fluor_pixel_maps(strip.transpose(1, 2, 0), px_um, thr, second)
+        else:
+            maps = _pixel_maps(strip.transpose(1, 2, 0), px_um)
+        del strip
+        hs, ws = (h * m + 2 * M) // b, wf // b
+        stack = np.stack([np.asarray(maps[k], np.float32).reshape(hs, b, ws, b).mean(axis=(1, 3))
+                          for k in maps_names])
+        del maps
+        # HR pixel centres on the working grid
+        yc = ((np.arange(h) * m + (m - 1) / 2 + M) + 0.5) / b - 0.5
+        xc = ((np.arange(W) * m + (m - 1) / 2 + M) + 0.5) / b - 0.5
+        y0, x0 = np.floor(yc).astype(int), np.floor(xc).astype(int)
+        fy, fx = (yc - y0)[:, None], (xc - x0)[None, :]
+        y1, x1 = np.minimum(y0 + 1, hs - 1), np.minimum(x0 + 1, ws - 1)
+        for wi, wn in enumerate(_WINDOWS):
+            sm = fftconvolve(stack, kernels[wn][None], mode="same", axes=(1, 2))
+            v = (sm[:, y0][:, :, x0] * (1 - fy) * (1 - fx) + sm[:, y0][:, :, x1] * (1 - fy) * fx
+                 + sm[:, y1][:, :, x0] * fy * (1 - fx) + sm[:, y1][:, :, x1] * fy * fx)
+            base = wi * n_per
+            out[base:base + n_map, r0:r1] = v
+            f = {k: out[base + j, r0:r1] for j, k in enumerate(maps_names)}
+            _derive(out, base, n_map, f, fluor, (slice(r0, r1),))
         if progress is not None:
             progress(r1, H)
     return out
 
 
 def add_cell_features(field, sample, *, um_per_px: float = 1.25, force: bool = False,
-                      modality: str | None = None):
+                      modality: str | None = None, windows_um: tuple[float, float] | None = None):
     """Compute :func:`cell_feature_maps` for ``field`` (made from ``sample`` by ``make_field``) and store them
     in ``field.extra['cell_features']`` (F, H, W) with ``field.extra['cell_feature_names']`` and
     ``field.extra['cell_um_per_px']`` (``um_per_px``, or the image's own pixel size when that is coarser:
     a downscaled PNG is not upsampled) and ``field.extra['cell_modality']``.  ``modality`` overrides the
-    image's (brightfield H&E maps vs fluorescence DAPI/PolyT maps).  Returns the field (modified in place); a
-    no-op when present."""
+    image's (brightfield H&E maps vs fluorescence DAPI/PolyT maps).  ``windows_um``: fixed physical windows
+    (:func:`cell_feature_maps`), recorded in ``field.extra['cell_windows_um']``.  Returns the field (modified in
+    place); a no-op when features with the same windows are present."""
     from .fluorescence import image_modality
 
-    if not force and field.extra.get("cell_features") is not None:
+    want = None if windows_um is None else [float(w) for w in windows_um]
+    if not force and field.extra.get("cell_features") is not None and field.extra.get("cell_windows_um") == want:
         return field
     T = np.asarray(sample.transform, float)
     A_hr = np.linalg.solve(T, np.asarray(field.extra["hr_affine"], float))  # HR index → spot frame
@@ -219,7 +322,9 @@ def add_cell_features(field, sample, *, um_per_px: float = 1.25, force: bool = F
     spot_um = float(getattr(sample, "spot_diameter_um", 0) or 0) or None
     modality = modality or image_modality(img)
     field.extra["cell_features"] = cell_feature_maps(sample, A_hr, field.hr_shape, field.hr_um,
-                                                     um_per_px=um_per_px, spot_um=spot_um, modality=modality)
+                                                     um_per_px=um_per_px, spot_um=spot_um, modality=modality,
+                                                     windows_um=windows_um)
+    field.extra["cell_windows_um"] = None if windows_um is None else [float(w) for w in windows_um]
     field.extra["cell_feature_names"] = cell_feature_names(modality)
     field.extra["cell_modality"] = modality
     field.extra["cell_um_per_px"] = float(um_per_px)
