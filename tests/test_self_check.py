@@ -97,6 +97,7 @@ def test_a_check_already_run_is_reused_and_degrade_fields_are_not_checked(fitted
     sc = m.self_check(smp)
     assert set(sc) >= {"level", "pcc", "detail_pcc", "beta", "fallback", "warning", "per_gene"}
     assert len(sc["beta"]) == len(m.genes_) and all(0.0 <= b <= 1.0 for b in sc["beta"])
+    assert sc["pcc"]["prior"] is not None  # the method's starting point, scored on the same level
     nat = m.make_field(smp, "native")
     a = m.predict(nat, sample=smp, self_check=sc)
     b = m.predict(nat, sample=smp)  # 'auto' runs the same check (same seed) again

@@ -593,7 +593,9 @@ class DiffST:
         dd = (d * d).sum(axis=1)
         beta = np.clip(np.divide((d * r).sum(axis=1), dd, out=np.zeros_like(dd), where=dd > 0), 0.0, 1.0)
         kept = fb + beta[:, None, None] * (pred - fb)
-        maps = {"method": pred, "cubic": cub, "nearest": near, "kept": kept}
+        # the method's starting point (the prior, or the cubic LR↑ without one): what the diffusion adds over it
+        start = np.asarray(self.prepare_field(chk, sample)[1], np.float64) * chk.hr_mask[None]
+        maps = {"method": pred, "cubic": cub, "nearest": near, "kept": kept, "prior": start}
         pcc = {k: pcc_per_gene(v, truth, mask) for k, v in maps.items()}
         det = {k: detail_pcc_per_gene(v, truth, near, mask) for k, v in maps.items()}
         gain = pcc["method"] - np.fmax(pcc["cubic"], pcc["nearest"])  # fmax: a NaN baseline does not count
@@ -797,6 +799,12 @@ def _stripe_cross_fit(field, folds: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
+def _bases(sc: dict) -> str:
+    """' (block copy for k genes)' when some genes fall back on the spots' block copy instead of the cubic."""
+    k = sum(b == "block" for b in (sc.get("base") or []))
+    return f" (block copy for {k})" if k else ""
+
+
 def format_self_check(sc: dict | None, full_warning: bool = False) -> str:
     """A few lines for the CLI and the dock: the self-check's figures (:meth:`DiffST.self_check`), then whether
     the histology helps (``full_warning``: the whole warning sentence; the dock shows it as a notification)."""
@@ -810,9 +818,10 @@ def format_self_check(sc: dict | None, full_warning: bool = False) -> str:
         return "n/a" if v is None else f"{v:.3f}"
 
     line = (f"Self-check, one level coarser ({sc['level']}): PCC method {f(p['method'])}, cubic {f(p['cubic'])}, "
-            f"block copy {f(p['nearest'])}, kept {f(p['kept'])}; detail-PCC method {f(d['method'])}; detail kept "
+            f"block copy {f(p['nearest'])}, kept {f(p['kept'])}, prior alone {f(p.get('prior'))}; detail-PCC method "
+            f"{f(d['method'])}; detail kept "
             f"per gene {min(sc['beta']):.2f}–{max(sc['beta']):.2f}, {len(sc['fallback'])} of {len(sc['beta'])} "
-            "genes on the cubic LR↑ alone")
+            f"genes on the spots' upsampling alone{_bases(sc)}")
     if sc.get("warning"):
         line += f"\nWARNING: {sc['warning']}" if full_warning else "\nWARNING: the histology does not help on this section"
     return line

@@ -20,7 +20,8 @@ measures it, with no truth needed:
 ``alike_spots``     the same over the spots' log1p(CP10k) (what the data says)
 ``lattice``         per gene, Pearson r between a pixel's deviation from its lattice-cell mean and its
                     distance to the cell's spot centre (pixels inside the mask); ``lattice`` = mean |r|
-``masked_in_spots`` fraction of the in-tissue spot disks' area on HR pixels outside the mask (or NaN)
+``masked_in_spots`` fraction of the in-tissue spot disks' area on HR pixels outside the mask (or NaN); on native
+                    predictions the mask is the tissue at HR resolution (:func:`napari_diffst.data.grids.display_mask`)
 
 The spot geometry comes from :func:`napari_diffst.data.grids.make_field` (``extra['spot_hr_cr']``,
 ``extra['spot_radius_hr']``, ``extra['spot_log1p']``) for fields whose LR is the spots (``native``, ``truth``).
