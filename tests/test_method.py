@@ -49,15 +49,18 @@ from napari_diffst.method import DiffST
 from napari_diffst.data.synthetic import make_synthetic
 ck, out = sys.argv[1], sys.argv[2]
 m = DiffST.load(ck, device="cpu")
-smp = make_synthetic(seed=0, size_um=(1000.0, 1000.0))
+smp = make_synthetic(seed=0, size_um=(2000.0, 2000.0))
 smp.name = "synthetic0"
 field = m.make_field(smp)            # genes, scale, gene scale, H&E px and cell features from the checkpoint alone
-np.save(out, m.predict_map(field, sample=smp))
+check = m.self_check(smp, bin_lattice=2)   # the section's LR one level further down, as the benchmark runs it
+np.save(out, m.predict(field, sample=smp, self_check=check).mean)
 """
 
 
 def test_benchmark_map_equals_fit_save_load_in_a_fresh_process_predict(tmp_path):
-    train, val, test = [_sample(1), _sample(2)], _sample(3), _sample(0)
+    """The benchmark's diffst map of a test section — self-checked a level further down, as a user's prediction
+    is — equals fit → save → load (the checkpoint file alone) in a fresh process → self-check → predict."""
+    train, val, test = [_sample(1), _sample(2)], _sample(3), _sample(0, BIG)  # big enough for blocks of blocks
     maps = tmp_path / "maps"
     doc = run_benchmark(train, val, [test], scale=2, n_genes=3, methods="diffst", budget="tiny", seed=0,
                         device="cpu", save_maps=maps, quiet=True,
@@ -93,10 +96,16 @@ def test_benchmark_map_equals_fit_save_load_in_a_fresh_process_predict(tmp_path)
     np.testing.assert_array_equal(fresh, bench)
     # and in this process, from the fitted object and from the loaded one
     (tf,), _ = P.make_fields([test], genes, 2, gene_scale=gs)
-    np.testing.assert_array_equal(m.predict_map(tf, sample=test), bench)
+    row = doc["sections"]["synthetic0"]["methods"]["diffst"]
+    assert row["self_check"]["beta"] is not None and "unchecked" in row  # the benchmark's diffst is self-checked
+
+    def checked(meth, field, smp):
+        return meth.predict(field, sample=smp, self_check=meth.self_check(smp, bin_lattice=2)).mean
+
+    np.testing.assert_array_equal(checked(m, tf, test), bench)
     m2 = DiffST.load(alone, device="cpu")
     assert m2.prior_ is not None and m2.alpha_ == m.alpha_ and m2.genes_ == genes
-    np.testing.assert_array_equal(m2.predict_map(m2.make_field(_sample(0)), sample=None), bench)
+    np.testing.assert_array_equal(checked(m2, m2.make_field(_sample(0, BIG)), _sample(0, BIG)), bench)
 
 
 def test_periodic_checkpoints_carry_the_prior_and_resume(tmp_path):

@@ -85,6 +85,8 @@ EXTRA_METHODS: tuple[str, ...] = ("histosge_cell",)
 #: Per-method metric keys in the JSON (in order).
 METRICS: tuple[str, ...] = ("pcc", "rmse", "ssim", "detail_pcc", "seconds", "peak_mb")
 _OPTIONAL_METHOD_KEYS = ("gpu_peak_mb", "trained_steps")
+#: the diffusion rows' self-check a level further down (an object) and their scores without it (an object)
+_CHECK_KEYS = ("self_check", "unchecked")
 _RUN_KEYS = ("genes", "scale", "budget", "device", "sections")
 _RUN_OPTIONAL = ("synthetic", "seed", "meta")
 _SYNTH_KEYS = ("synthetic", "budget", "device", "scales", "runs")
@@ -346,13 +348,17 @@ def score_row(pred: np.ndarray, field, seed: int = 0) -> tuple[dict, float | Non
 def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_genes: int = 25,
                   genes: Sequence[str] | None = None, methods: str | Sequence[str] = "all", budget="quick",
                   seed: int = 0, device: str = "auto", save_maps: str | Path | None = None,
-                  method_kwargs: dict | None = None, quiet: bool = False, _loaded: dict | None = None) -> dict:
+                  method_kwargs: dict | None = None, quiet: bool = False, _loaded: dict | None = None,
+                  self_check: bool = True) -> dict:
     """Fit every method on ``train`` (+ ``val``) and score it on every ``test`` section; returns the JSON dict.
 
     ``train``/``val``/``test`` are paths / specs for :func:`~napari_diffst.pipeline.load_data` or loaded
     :class:`~napari_diffst.data.sample.Sample` objects.  ``method_kwargs`` maps a method name to keyword
     arguments of :func:`make_method` (e.g. ``{'diffst': {'steps': 50}}``).  ``save_maps``: folder that gets
-    ``<section>.npz`` (truth, LR, masks, H&E, genes and ``pred_<method>`` maps in model units)."""
+    ``<section>.npz`` (truth, LR, masks, H&E, genes and ``pred_<method>`` maps in model units).
+    ``self_check``: the diffusion rows run :meth:`DiffST.self_check` on each test section a level further down
+    (``scale``×``scale`` blocks of its LR blocks → its LR blocks; no test truth) and keep per gene only the detail
+    that helped there, as a user's prediction does; the row records the check and the ``unchecked`` scores."""
     from . import pipeline as P
 
     t_start = time.perf_counter()
@@ -431,12 +437,14 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
 
         t = {}
         tc = time.perf_counter()
+        # the windows Diff-ST fixes from the training geometry (DiffST.feature_windows), for every method
+        win = DiffST.feature_windows(train_f[0], tr_s[0])
         for f, smp in zip(train_f + [val_f], tr_s + [va_s]):
-            add_cell_features(f, smp)
+            add_cell_features(f, smp, windows_um=win)
         t["fit"] = time.perf_counter() - tc
         for nm, f, smp in zip(test_names, test_f, te_s):
             tc = time.perf_counter()
-            add_cell_features(f, smp)
+            add_cell_features(f, smp, windows_um=win)
             t[nm] = time.perf_counter() - tc
         _log(f"cell-level features: {sum(t.values()):.1f} s for {len(t) + len(train_f)} section(s)", quiet)
         return t
@@ -466,13 +474,29 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
             method_knobs[name] = dict(json.loads(json.dumps(method.knobs_, default=str)),
                                       trained_steps=int(getattr(method.trainer, "step", 0)),
                                       shrink_alpha=round(float(getattr(method, "alpha_", 1.0)), 4))
-        for nm, f in zip(test_names, test_f):
+        for nm, f, smp in zip(test_names, test_f, te_s):
             mem.peak_mb = fit_peak  # this section's span = fit + its own predict
             t2 = time.perf_counter()
+            check, unchecked = None, None
             with mem:
                 pred = np.asarray(method.predict(f), np.float32)
+                if isinstance(method, DiffusionMethod) and self_check:
+                    # as a user's prediction: the section's own LR one level further down decides, per gene, how
+                    # much of the histology's detail to keep (no test truth is used)
+                    check = method.self_check(smp, bin_lattice=scale)
+                    if check.get("beta") is not None:
+                        unchecked = pred
+                        pred = np.asarray(method.apply_check(pred, None, f, check)[0] * f.hr_mask[None],
+                                          np.float32)
             pred_s = time.perf_counter() - t2
             row, ceiling = score_row(pred, f, seed=seed)
+            extra_row = {}
+            if check is not None:
+                extra_row["self_check"] = {k: check.get(k) for k in ("level", "pcc", "detail_pcc", "beta", "base",
+                                                                    "fallback", "warning", "skipped") if k in check}
+                if unchecked is not None:
+                    un, _ = score_row(unchecked, f, seed=seed)
+                    extra_row["unchecked"] = {k: un[k] for k in ("pcc", "detail_pcc", "rmse", "ssim") if k in un}
             if uses_cells:
                 pred_s += cell_s.get(nm, 0.0)
             if isinstance(method, DiffusionMethod) and getattr(method, "prior_", None) is not None:  # the prior alone, for reference
@@ -481,6 +505,7 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
             row["seconds"] = round(fit_s + pred_s, 3)
             row["peak_mb"] = round(mem.increase_mb, 1)
             row["trained_steps"] = trained_steps(method)
+            row.update(extra_row)
             if cuda:
                 row["gpu_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2 ** 20, 1)
             sections[nm]["methods"][name] = row
@@ -634,13 +659,16 @@ def _validate_run(obj, where="result") -> list[str]:
             wm = f"{w}.methods[{mn!r}]"
             if mn not in METHOD_NAMES + EXTRA_METHODS:
                 errs.append(f"{wm}: unknown method (expected one of {METHOD_NAMES + EXTRA_METHODS})")
-            errs += _check_keys(row, METRICS, _OPTIONAL_METHOD_KEYS, wm)
+            errs += _check_keys(row, METRICS, _OPTIONAL_METHOD_KEYS + _CHECK_KEYS, wm)
             if not isinstance(row, dict):
                 continue
             for k in ("pcc", "detail_pcc"):
                 v = row.get(k)
                 if v is not None and not (_is_num(v) and -1 - 1e-9 <= v <= 1 + 1e-9):
                     errs.append(f"{wm}.{k}: expected null or a number in [-1, 1], got {v!r}")
+            for k in _CHECK_KEYS:
+                if k in row and not isinstance(row[k], dict):
+                    errs.append(f"{wm}.{k}: expected an object, got {type(row[k]).__name__}")
             v = row.get("ssim")
             if v is not None and not (_is_num(v) and -1 - 1e-9 <= v <= 1 + 1e-9):
                 errs.append(f"{wm}.ssim: expected null or a number in [-1, 1], got {v!r}")
@@ -841,7 +869,7 @@ def cmd_benchmark(args) -> int:
             raise DiffSTError("benchmark needs --train DIR [DIR ...] --val DIR --test DIR [DIR ...] "
                               "(or --synthetic)")
         result = run_benchmark(args.train, args.val, args.test, scale=args.scale, save_maps=args.save_maps,
-                               **common)
+                               self_check=getattr(args, "self_check", True), **common)
     if diffst_set:  # the options of this row, as given on the command line
         for run in _iter_runs(result):
             run["meta"]["diffst_set"] = list(args.diffst_set)
@@ -891,6 +919,9 @@ def add_commands(sub) -> None:
     b.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (diffusion methods)")
     b.add_argument("--out", default=None, help="write the results as JSON")
     b.add_argument("--markdown", default=None, help="write the tables as Markdown")
+    b.add_argument("--no-self-check", dest="self_check", action="store_false",
+                   help="score the diffusion rows without the self-check a level further down on each test section "
+                        "(the check keeps, per gene, only the histology's detail that helped there)")
     b.add_argument("--save-maps", default=None, help="folder for <section>.npz maps (truth, LR, each method)")
     b.add_argument("--synthetic", action="store_true",
                    help="seeded synthetic sections with HR truth (train synthetic:1,2, val :3, test :0) "

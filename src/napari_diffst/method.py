@@ -312,7 +312,9 @@ class DiffST:
         self.prior_ = None
         if prior == "cell":
             smps = list(train_samples) if train_samples is not None else [None] * len(train_fields)
-            self.cell_windows_um = self.feature_windows(train_fields[0], smps[0])
+            have = train_fields[0].extra.get("cell_windows_um")  # features already computed by the caller
+            self.cell_windows_um = (tuple(float(w) for w in have) if have and smps[0] is None
+                                    else self.feature_windows(train_fields[0], smps[0]))
             for f, s in zip(train_fields, smps):
                 self._ensure_cells(f, s)
             if val_field is not None and kn.get("shrink"):
@@ -521,17 +523,7 @@ class DiffST:
         if a != 1.0:
             pred = base + a * (pred - base)
             std = std * np.float32(a)
-        beta = None if check is None else check.get("beta")
-        if beta is not None:  # the self-check's share of the histology-driven detail, per gene
-            from .data.upsample import cubic_upsample
-
-            b = np.asarray(beta, np.float32)[:, None, None]
-            fb = cubic_upsample(field.lr, int(field.scale), field.lr_mask, order=3).astype(np.float32)
-            block = np.asarray([k == "block" for k in (check.get("base") or [])], bool)
-            if block.any():  # genes whose fallback is the block copy of the spots (self_check's 'base')
-                fb[block] = np.asarray(field.lr_upsampled(0), np.float32)[block]
-            pred = fb + b * (pred - fb)
-            std = std * b
+        pred, std = self.apply_check(pred, std, field, check)
         pred = pred * mask
         report = None
         if project is True or (project == "auto" and native):
@@ -551,7 +543,7 @@ class DiffST:
     SELF_CHECK_MARGIN = 0.0
 
     def self_check(self, sample, *, steps: int | None = None, n_samples: int | None = None,
-                   seed: int | None = None, sampler: str | None = None) -> dict:
+                   seed: int | None = None, sampler: str | None = None, bin_lattice: int = 1) -> dict:
         """The method on the section's own spots one level coarser (s×s blocks of spots → the spots, the
         ``degrade`` field; no truth from anywhere else), against the cubic LR↑ and the block copy.
 
@@ -569,7 +561,7 @@ class DiffST:
 
         s = int(self.geometry_["scale"])
         try:
-            chk = self.make_field(sample, "degrade")
+            chk = self.make_field(sample, "degrade", bin_lattice=bin_lattice)
         except (DiffSTError, ValueError) as exc:
             return {"skipped": f"no level one coarser on this section ({exc})"}
         mask = np.asarray(chk.hr_mask, bool)
@@ -616,7 +608,9 @@ class DiffST:
             return round(v, 4) if np.isfinite(v) else None
 
         return {
-            "level": f"{s}×{s} blocks of this section's spots → its {int(mask.sum())} spots"
+            "level": (f"{s}×{s} blocks of this section's spots → its {int(mask.sum())} spots" if int(bin_lattice) == 1
+                      else f"{s}×{s} blocks of {bin_lattice}×{bin_lattice} spot blocks → its {int(mask.sum())} "
+                           f"{bin_lattice}×{bin_lattice} blocks")
                      + (" held out of training" if hold is not None
                         else " (seen in training: optimistic)" if in_sample else ""),
             "held_out": None if hold is None else self.holdout_.get("how", "held out"), "in_sample": bool(in_sample),
@@ -628,6 +622,23 @@ class DiffST:
             "per_gene": {"gene": genes, **{f"pcc_{k}": [r4(x) for x in v] for k, v in pcc.items()},
                          "detail_pcc_method": [r4(x) for x in det["method"]]},
         }
+
+    @staticmethod
+    def apply_check(pred: np.ndarray, std: np.ndarray | None, field, check: dict | None):
+        """(``F + β·(pred − F)``, ``std·β``) per gene with the self-check's β and fallback ``F`` (its ``base``: the
+        cubic LR↑ or the block copy of ``field``'s LR); unchanged without a check or β."""
+        beta = None if not check else check.get("beta")
+        if beta is None:
+            return pred, std
+        from .data.upsample import cubic_upsample
+
+        b = np.asarray(beta, np.float32)[:, None, None]
+        fb = cubic_upsample(field.lr, int(field.scale), field.lr_mask, order=3).astype(np.float32)
+        block = np.asarray([k == "block" for k in (check.get("base") or [])], bool)
+        if block.any():  # genes whose fallback is the block copy of the spots (self_check's 'base')
+            fb[block] = np.asarray(field.lr_upsampled(0), np.float32)[block]
+        pred = fb + b * (np.asarray(pred, np.float32) - fb)
+        return pred, (None if std is None else std * b)
 
     def predict(self, field, sample=None, **kw):
         """Run :meth:`iter_predict` to the end: a :class:`napari_diffst.pipeline.SRResult`."""
@@ -649,7 +660,7 @@ class DiffST:
         return np.asarray(DiffST.predict(self, field, sample=sample).mean, np.float32)
 
     # ------------------------------------------------------------------------------------------ fields
-    def make_field(self, sample, mode: str = "auto"):
+    def make_field(self, sample, mode: str = "auto", bin_lattice: int = 1):
         """The field this fitted / loaded method is applied to: its genes, scale, gene scale and H&E pixels per HR
         pixel; ``mode`` 'auto' = 'truth' where the sample has HR truth, else 'native'.  Cell-level features are
         added when the prior needs them."""
@@ -659,7 +670,8 @@ class DiffST:
             raise RuntimeError(f"{self.name}: call fit() or DiffST.load() first")
         m = mode if mode != "auto" else ("truth" if sample.hr_truth else "native")
         (f,), _ = P.make_fields([sample], self.genes_, int(self.geometry_["scale"]), mode=m,
-                                gene_scale=self.gene_scale_, he_per_hr=int(self.model_.config["he_per_hr"]))
+                                gene_scale=self.gene_scale_, he_per_hr=int(self.model_.config["he_per_hr"]),
+                                bin_lattice=int(bin_lattice))
         if getattr(self.prior_, "name", "") == "cell_ridge":
             self._ensure_cells(f, sample)
         return f

@@ -79,7 +79,7 @@ def default_he_per_hr(hr_um: float, target_um: float = 4.0, lo: int = 4, hi: int
 
 def make_fields(samples: Sequence[Sample], genes: Sequence[str], scale: int, *, mode: str | None = None,
                 gene_scale: np.ndarray | None = None, he_per_hr: int | None = None,
-                he_um_per_px: float | None = None) -> tuple[list[SRField], np.ndarray]:
+                he_um_per_px: float | None = None, bin_lattice: int = 1) -> tuple[list[SRField], np.ndarray]:
     """One SRField per sample, sharing ``gene_scale`` (computed on ``samples`` when not given).
 
     ``mode`` None: 'truth' where the sample has HR truth, else 'degrade' (self-supervised pairs)."""
@@ -92,10 +92,10 @@ def make_fields(samples: Sequence[Sample], genes: Sequence[str], scale: int, *, 
     for smp in samples:
         m = mode or ("truth" if smp.hr_truth else "degrade")
         pitch = smp.lattice_pitch_um or smp.spot_diameter_um
-        hr_um = pitch / scale if m in ("truth", "native") else pitch
+        hr_um = (pitch / scale if m in ("truth", "native") else pitch) * int(bin_lattice)
         k = he_per_hr or (None if he_um_per_px else default_he_per_hr(hr_um))
         fields.append(make_field(smp, genes, scale=scale, mode=m, gene_scale=gene_scale, he_per_hr=k,
-                                 he_um_per_px=he_um_per_px))
+                                 he_um_per_px=he_um_per_px, bin_lattice=int(bin_lattice)))
     return fields, np.asarray(gene_scale, float)
 
 

@@ -473,8 +473,10 @@ def run_truth_benchmark(truth: Sequence, *, lr_um: float = 50.0, scales: Sequenc
                     tc = time.perf_counter()
                     if uses_cells and not cell_done:
                         for fd in fold_data:
+                            # the fixed windows of the fold's training geometry (DiffST.feature_windows)
+                            win = DiffST.feature_windows(fd[0][0], smp)
                             for f in fd[0] + [fd[2]]:
-                                add_cell_features(f, smp)
+                                add_cell_features(f, smp, windows_um=win)
                     cell_s = time.perf_counter() - tc if uses_cells and not cell_done else 0.0
                     cell_done = cell_done or uses_cells
                     torch.manual_seed(seed)
