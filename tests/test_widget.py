@@ -373,6 +373,7 @@ def test_synthetic_full_flow(shown_viewer, qtbot, tmp_path, isolated_settings, e
     wait_idle(qtbot, cmp_)
     vals = cmp_.table_values()
     assert list(vals) == ["Diff-ST", "nearest", "bicubic", "LR (nearest)"]
+    assert cmp_.scope.text().startswith(f"Scored on {fld.name}, against its HR truth")
     ref = score_field(sm.result.mean, fld)
     assert vals["Diff-ST"]["PCC"] == pytest.approx(ref["pcc"], abs=6e-4)
     assert vals["Diff-ST"]["RMSE"] == pytest.approx(ref["rmse"], abs=6e-4)
@@ -810,6 +811,8 @@ def test_her2st_c2_flow(shown_viewer, qtbot, tmp_path, her2st_dir, isolated_sett
     cmp_.run_btn.click()
     wait_idle(qtbot, cmp_)
     assert cmp_.table.rowCount() == 0 and "no HR truth" in cmp_.status.text()
+    # what the numbers were measured on: no truth here, the self-check one level coarser instead
+    assert "No HR truth" in cmp_.scope.text() and "Self-check" in cmp_.scope.text()
     shown = sorted(ly.metadata["method"] for ly in viewer.layers if ly.visible)
     assert shown == ["Diff-ST", "LR", "bicubic", "nearest"]
     cmp_.grid_btn.setChecked(False)
@@ -823,6 +826,8 @@ def test_her2st_c2_flow(shown_viewer, qtbot, tmp_path, her2st_dir, isolated_sett
     vals = cmp_.table_values()
     assert list(vals) == ["Diff-ST", "nearest", "bicubic", "LR (nearest)"]
     assert all(np.isfinite(v["PCC"]) and -1 <= v["PCC"] <= 1 for v in vals.values())
+    # scored on the section the model was trained on, against its own spots: the table says so
+    assert "its own spots" in cmp_.scope.text() and "trained on this section" in cmp_.scope.text()
     assert vals["nearest"]["PCC"] == pytest.approx(vals["LR (nearest)"]["PCC"], abs=1e-3)
     assert sorted(ly.metadata["method"] for ly in viewer.layers if ly.visible) == \
         ["Diff-ST", "LR", "bicubic", "nearest", "truth"]

@@ -40,6 +40,28 @@ FORMATS = (("ome-zarr", "OME-Zarr (.ome.zarr)", ".ome.zarr"), ("tiff", "OME-TIFF
 
 
 
+def measured_on(field, train_names, report=None) -> str:
+    """What the Compare table's numbers were measured on, in one or two sentences (issue 14: honest numbers):
+    the section and its truth, whether the model saw that section in training, and the self-check one level
+    coarser (a level the model did not see) when the Sample run made one."""
+    name = getattr(field, "name", "?")
+    mode = (getattr(field, "extra", None) or {}).get("mode")
+    if getattr(field, "hr", None) is None:
+        text = f"No HR truth on {name}: nothing to score at this resolution."
+    else:
+        truth = "its HR truth" if mode == "truth" else "its own spots (LR = blocks of spots)"
+        seen = (" — the model was trained on this section, so the scores are optimistic"
+                if name in set(train_names or ()) else " — a section the model did not see in training")
+        text = f"Scored on {name}, against {truth}{seen}."
+    sc = (report or {}).get("self_check") or {}
+    p = sc.get("pcc") or {}
+    if p:
+        f = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+        text += (f"\nSelf-check ({sc.get('level', 'one level coarser')}): PCC Diff-ST {f(p.get('method'))}, "
+                 f"cubic {f(p.get('cubic'))}, block copy {f(p.get('nearest'))}, kept {f(p.get('kept'))}.")
+    return text
+
+
 def _grid(viewer):
     canvas = getattr(viewer, "canvas", None)
     return canvas.grid if canvas is not None and hasattr(canvas, "grid") else viewer.grid
@@ -72,6 +94,7 @@ class CompareSection(Section):
         self.grid_btn.setCheckable(True)
         self.grid_btn.setToolTip("napari grid mode: one cell per method, one camera (linked pan/zoom)")
         self.add_row("Gene", _row(self.gene_combo, self.grid_btn, stretch=0))
+        self.scope = self.add_widget(info_label(""))  # what the table's numbers were measured on
         self.table = QTableWidget(0, 1 + len(METRIC_COLUMNS))
         self.table.setHorizontalHeaderLabels(["method"] + [t for _, t in METRIC_COLUMNS])
         self.table.verticalHeader().setVisible(False)
@@ -176,6 +199,8 @@ class CompareSection(Section):
             self.runner.set_progress(d["done"], desc=f"napari-diffst: {d['message']}")
         elif kind == "result":
             self.preds, self.scores, self.field = d["preds"], d["scores"], d["field"]
+            names = [f.name for f in (self.state.train_fields or [])]
+            self.scope.setText(measured_on(self.field, names, getattr(self.result, "report", None)))
             self._fill_table()
             self._add_layers()
         elif kind == "cancelled":
