@@ -12,6 +12,7 @@ from napari_diffst.data.cellfeatures import add_cell_features, cell_feature_maps
 from napari_diffst.data.grids import display_mask, make_field
 from napari_diffst.data.synthetic import make_synthetic
 from napari_diffst.method import DiffST
+from napari_diffst.robustness import image_variant
 
 
 def _stats(F, mask):
@@ -98,3 +99,8 @@ def test_the_checkpoint_carries_the_windows_and_native_prediction_uses_them(tmp_
     nat = back.make_field(user, "native")
     assert nat.extra["mode"] == "native" and nat.hr_um < fields[0].hr_um
     assert nat.extra["cell_windows_um"] == [pytest.approx(w) for w in m.cell_windows_um]
+    # the training image's kind is kept: a black-background export of an H&E is not read as a fluorescence image
+    assert back.cell_modality == "brightfield"
+    dark = back.make_field(image_variant(user, "black_bg"), "native")
+    assert dark.extra["cell_modality"] == "brightfield"
+    assert dark.extra["cell_features"].shape == nat.extra["cell_features"].shape

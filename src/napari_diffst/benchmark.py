@@ -439,12 +439,14 @@ def run_benchmark(train: Sequence, val, test: Sequence, *, scale: int = 2, n_gen
         tc = time.perf_counter()
         # the windows Diff-ST fixes from the training geometry (DiffST.feature_windows), for every method
         win = DiffST.feature_windows(train_f[0], tr_s[0])
+        add_cell_features(train_f[0], tr_s[0], windows_um=win)
+        mod = train_f[0].extra["cell_modality"]  # the training image's kind for all (a black background is no DAPI)
         for f, smp in zip(train_f + [val_f], tr_s + [va_s]):
-            add_cell_features(f, smp, windows_um=win)
+            add_cell_features(f, smp, windows_um=win, modality=mod)
         t["fit"] = time.perf_counter() - tc
         for nm, f, smp in zip(test_names, test_f, te_s):
             tc = time.perf_counter()
-            add_cell_features(f, smp, windows_um=win)
+            add_cell_features(f, smp, windows_um=win, modality=mod)
             t[nm] = time.perf_counter() - tc
         _log(f"cell-level features: {sum(t.values()):.1f} s for {len(t) + len(train_f)} section(s)", quiet)
         return t

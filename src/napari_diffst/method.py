@@ -164,6 +164,9 @@ class DiffST:
         #: (spot disk diameter, cell square side) µm of the cell-level feature windows, fixed by the training
         #: geometry at fit (None: the HR pixel's own windows, checkpoints before issue 13's scale consistency)
         self.cell_windows_um = None
+        #: 'brightfield' | 'fluorescence': the image modality of the training features, kept for every section the
+        #: method predicts (a black-background H&E export must not be read as a fluorescence image); None: detect
+        self.cell_modality = None
         self.prior_folds_ = None
         self.holdout_ = None  # the stripe of a single training section kept out of the fit (_hold_out)
         self.train_sections_ = []
@@ -215,8 +218,9 @@ class DiffST:
     def _ensure_cells(self, field, sample=None):
         """Cell-level features on ``field`` (computed from ``sample`` when absent); the field, modified in place."""
         want = None if self.cell_windows_um is None else [float(w) for w in self.cell_windows_um]
-        if field.extra.get("cell_features") is not None and (field.extra.get("cell_windows_um") == want
-                                                             or sample is None):
+        same = (field.extra.get("cell_windows_um") == want
+                and (self.cell_modality is None or field.extra.get("cell_modality") == self.cell_modality))
+        if field.extra.get("cell_features") is not None and (same or sample is None):
             return field
         if sample is None:
             raise DataFormatError(None, f"field {field.name!r}: Diff-ST's cell-level prior needs the section's H&E "
@@ -224,7 +228,8 @@ class DiffST:
                                   "train_samples=)")
         from .data.cellfeatures import add_cell_features
 
-        return add_cell_features(field, sample, um_per_px=self.cell_um_per_px, windows_um=self.cell_windows_um)
+        return add_cell_features(field, sample, um_per_px=self.cell_um_per_px, windows_um=self.cell_windows_um,
+                                 modality=self.cell_modality)
 
     @staticmethod
     def feature_windows(field, sample=None) -> tuple[float, float]:
@@ -315,8 +320,10 @@ class DiffST:
             have = train_fields[0].extra.get("cell_windows_um")  # features already computed by the caller
             self.cell_windows_um = (tuple(float(w) for w in have) if have and smps[0] is None
                                     else self.feature_windows(train_fields[0], smps[0]))
+            self.cell_modality = None
             for f, s in zip(train_fields, smps):
                 self._ensure_cells(f, s)
+            self.cell_modality = train_fields[0].extra.get("cell_modality")
             if val_field is not None and kn.get("shrink"):
                 self._ensure_cells(val_field, val_sample)
         self.train_sections_ = [str(f.name) for f in train_fields]
@@ -704,6 +711,7 @@ class DiffST:
                 "trained_steps": int(self.trainer.step) if self.trainer is not None else int(self.trained_steps_),
                 "cell_um_per_px": float(self.cell_um_per_px),
                 "cell_windows_um": None if self.cell_windows_um is None else [float(w) for w in self.cell_windows_um],
+                "cell_modality": self.cell_modality,
                 "train_sections": list(getattr(self, "train_sections_", None) or []),
                 "holdout": None if not getattr(self, "holdout_", None) else {
                     "section": self.holdout_["section"], "hr_shape": list(self.holdout_["hr_shape"]),
@@ -755,6 +763,7 @@ class DiffST:
             m.cell_um_per_px = float(st.get("cell_um_per_px", CELL_UM_PER_PX))
             w = st.get("cell_windows_um")
             m.cell_windows_um = None if not w else tuple(float(v) for v in w)
+            m.cell_modality = st.get("cell_modality")
             m.geometry_ = dict(st.get("geometry") or {})
             m.trained_steps_ = int(st.get("trained_steps", meta.get("step", 0)))
             m.train_sections_ = list(st.get("train_sections") or [])

@@ -311,7 +311,8 @@ def add_cell_features(field, sample, *, um_per_px: float = 1.25, force: bool = F
     from .fluorescence import image_modality
 
     want = None if windows_um is None else [float(w) for w in windows_um]
-    if not force and field.extra.get("cell_features") is not None and field.extra.get("cell_windows_um") == want:
+    if (not force and field.extra.get("cell_features") is not None and field.extra.get("cell_windows_um") == want
+            and (modality is None or field.extra.get("cell_modality") == modality)):
         return field
     T = np.asarray(sample.transform, float)
     A_hr = np.linalg.solve(T, np.asarray(field.extra["hr_affine"], float))  # HR index → spot frame
