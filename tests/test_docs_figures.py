@@ -21,3 +21,14 @@ def test_readme_dev_split_figures_are_the_committed_json():
     prior = doc["meta"]["method_knobs"]["diffst"]["prior_scores"]["C6"]
     assert f"{prior['pcc']:.3f} / {prior['detail_pcc']:.3f}" in readme
     assert doc["meta"]["method_knobs"]["diffst"]["trained_steps"] == 300  # a step budget, not a time limit
+
+
+def test_readme_robustness_figures_are_the_committed_json():
+    """The README's self-checked C6 figures are the robustness suite's committed JSON (variants clean, black_bg)."""
+    readme = (ROOT / "README.md").read_text()
+    doc = json.loads((ROOT / "docs" / "bench" / "robustness_her2st.json").read_text())
+    sec = doc["result"]["sections"]
+    clean, dark = sec["C6/clean"]["methods"]["diffst"], sec["C6/black_bg"]["methods"]["diffst"]
+    assert (f"diffst scores {clean['pcc']:.3f} / {clean['detail_pcc']:.3f} on C6 "
+            f"({clean['unchecked']['pcc']:.3f} / {clean['unchecked']['detail_pcc']:.3f} unchecked") in " ".join(readme.split())
+    assert f"({dark['pcc']:.3f} vs {dark['unchecked']['pcc']:.3f} unchecked" in readme
