@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from napari_diffst import pipeline as P  # noqa: E402
 from napari_diffst.spot_consistency import REPORT_KEYS  # noqa: E402
+from napari_diffst.tiling import plan_sampling, super_resolve_tiled  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -72,8 +73,6 @@ def main(argv=None) -> int:
                 for _ in tr.iter_train():
                     pass
                 net = tr.ema
-            from napari_diffst.tiling import plan_sampling, super_resolve_tiled
-
             # as `napari-diffst sample` does: untiled when the section's rasters fit the memory budget, else tiled
             # (e.g. 8×: the network's H&E pixels per HR pixel at 25 µm make a 4096 × 5120 px raster)
             plan = plan_sampling(smp, genes, s, gene_scale=gs, mode="native", he_per_hr=net.config["he_per_hr"],

@@ -21,7 +21,7 @@ def section():
     genes = P.choose_genes([smp], n_genes=2)
     (f,), _ = P.make_fields([smp], genes, 2, mode="degrade", he_per_hr=8)
     # HR pixels (spots) wholly on tissue: where a background variant must leave the image as it was
-    mask_img = (_tissue_full(smp, np.asarray(smp.image.levels[0]).shape[:2]) * 255).astype(np.uint8)
+    mask_img = (_tissue_full(np.asarray(smp.image.levels[0])) * 255).astype(np.uint8)
     on = _he_on_spots(dataclasses.replace(smp, image=HistologyImage.from_array(mask_img)), f) > 0.99
     return smp, genes, f, on & (f.hr_mask > 0)
 

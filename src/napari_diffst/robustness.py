@@ -49,13 +49,14 @@ def _full_rgb(sample: Sample) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def _tissue_full(sample: Sample, shape: tuple[int, int]) -> np.ndarray:
-    """The tissue mask (holes filled) of a thumbnail, brought to the image's level-0 ``shape`` (nearest)."""
+def _tissue_full(a: np.ndarray) -> np.ndarray:
+    """The tissue mask (holes filled) of a thumbnail of the level-0 image ``a`` (H, W, 3), brought back to its
+    shape (nearest)."""
     from scipy import ndimage as ndi
 
     from .data.registration import tissue_mask
 
-    a = _full_rgb(sample)
+    shape = a.shape[:2]
     step = max(1, int(np.ceil(max(shape) / 1024)))
     thumb = a[::step, ::step]
     m = ndi.binary_fill_holes(tissue_mask(thumb))
@@ -114,7 +115,7 @@ def image_variant(sample: Sample, kind: str, *, seed: int = 0) -> Sample:
     a = _full_rgb(sample)
     H, W = a.shape[:2]
     if kind in ("black_bg", "white_bg"):
-        m = _tissue_full(sample, (H, W))
+        m = _tissue_full(a)
         a = a.copy()
         a[~m] = 0 if kind == "black_bg" else 255
         return _with_image(sample, a, kind)

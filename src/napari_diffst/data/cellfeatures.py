@@ -146,10 +146,6 @@ def cell_feature_maps(sample, A_hr: np.ndarray, hr_shape: tuple[int, int], hr_um
     features were fitted on (native prediction after training on the section's own spots) sees features with the
     same statistics (issue 13, scale consistency).  None: the windows are the HR pixel itself (and its disk).
     """
-    if windows_um is not None:
-        return _windowed_feature_maps(sample, A_hr, hr_shape, hr_um, um_per_px=um_per_px, windows_um=windows_um,
-                                      max_px_per_hr=max_px_per_hr, strip_px=strip_px, progress=progress,
-                                      modality=modality)
     from .fluorescence import image_modality, nuclear_threshold
     from .grids import sample_image
 
@@ -165,9 +161,14 @@ def cell_feature_maps(sample, A_hr: np.ndarray, hr_shape: tuple[int, int], hr_um
     if fluor:
         thr = nuclear_threshold(img)
         second = len(getattr(img, "channel_names", None) or []) > 1
+    else:
+        thr, second = None, False
     m = int(np.clip(round(float(hr_um) / float(um_per_px)), 4, int(max_px_per_hr)))
     px_um = float(hr_um) / m
     A = np.asarray(A_hr, float) @ np.array([[1 / m, 0, 0.5 / m - 0.5], [0, 1 / m, 0.5 / m - 0.5], [0, 0, 1]])
+    if windows_um is not None:
+        return _windowed_feature_maps(sample, A, out, m, px_um, windows_um, maps_names, derived, fluor, thr, second,
+                                      strip_px, progress)
     margin = int(math.ceil(64 * 1.25 / px_um))  # 4σ of the widest filter (dog8: σ = 16 px of 1.25 µm)
     rows_per_strip = max(1, int(strip_px) // max(W * m * m, 1))
     dia = min(float(spot_um), float(hr_um)) if spot_um else float(hr_um)
@@ -222,33 +223,21 @@ def _derive(out: np.ndarray, base: int, n_map: int, f: dict, fluor: bool, sl) ->
 WINDOW_GRID_UM = 5.0
 
 
-def _windowed_feature_maps(sample, A_hr, hr_shape, hr_um, *, um_per_px, windows_um, max_px_per_hr, strip_px,
-                           progress, modality) -> np.ndarray:
+def _windowed_feature_maps(sample, A, out, m, px_um, windows_um, maps_names, derived, fluor, thr, second, strip_px,
+                           progress) -> np.ndarray:
     """:func:`cell_feature_maps` with windows of a fixed physical size: the per-pixel maps of strips of the image
     (at ``m = round(hr_um / um_per_px)`` px per HR pixel, as the HR-pixel windows), block-averaged to a working
     grid of ≈ :data:`WINDOW_GRID_UM` µm/px, averaged over a disk of ``windows_um[0]`` µm and a square of
     ``windows_um[1]`` µm (FFT convolution), and read at each HR pixel's centre (bilinear).  The strips carry a
     margin of half the widest window plus the filters' reach on every side, so a pixel's features do not depend on
-    the strip or tile it was computed in."""
+    the strip or tile it was computed in.
+    ``A`` maps (col, row, 1) of the image raster (``m`` px per HR pixel, ``px_um`` µm/px) to the spot frame; ``out``
+    (F, H, W) zeros is filled and returned (the prologue of :func:`cell_feature_maps`)."""
     from scipy.signal import fftconvolve
 
-    from .fluorescence import image_modality, nuclear_threshold
     from .grids import sample_image
 
-    H, W = int(hr_shape[0]), int(hr_shape[1])
-    img = getattr(sample, "image", None)
-    modality = modality or image_modality(img)
-    maps_names, derived = _modality_maps(modality)
-    names = cell_feature_names(modality)
-    out = np.zeros((len(names), H, W), np.float32)
-    if img is None or H == 0 or W == 0:
-        return out
-    fluor = modality == "fluorescence"
-    if fluor:
-        thr = nuclear_threshold(img)
-        second = len(getattr(img, "channel_names", None) or []) > 1
-    m = int(np.clip(round(float(hr_um) / float(um_per_px)), 4, int(max_px_per_hr)))
-    px_um = float(hr_um) / m
+    H, W = out.shape[1:]
     b = max(d for d in range(1, m + 1) if m % d == 0 and (d == 1 or d * px_um <= WINDOW_GRID_UM + 1e-9))
     q = b * px_um  # working-grid µm/px
     d_spot, c_cell = (float(w) for w in windows_um)
@@ -261,7 +250,6 @@ def _windowed_feature_maps(sample, A_hr, hr_shape, hr_um, *, um_per_px, windows_
     reach = max(d_spot, c_cell) / 2 + q
     mb = int(math.ceil((64 * 1.25 + reach) / px_um / b))  # margin in working-grid px (filters + half a window)
     M = mb * b  # ... in image px
-    A = np.asarray(A_hr, float) @ np.array([[1 / m, 0, 0.5 / m - 0.5], [0, 1 / m, 0.5 / m - 0.5], [0, 0, 1]])
     wf = W * m + 2 * M
     rows_per_strip = max(int(math.ceil(2 * M / m)), int(strip_px) // max(wf * m, 1), 1)
     n_map = len(maps_names)
